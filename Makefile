@@ -1,0 +1,40 @@
+# prunelab — `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv train test test-slow ui bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP) ## create the virtual environment (pinned by constraints.txt) if missing
+
+train: $(STAMP) ## run the main job: mnist5k + lenet5 + gradual magnitude pruning at 8×, recorded in MLflow (ARGS=overrides)
+	$(PY) -m prunelab.train $(ARGS)
+
+test: $(STAMP) ## run the tests (without the slow ones)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-slow: $(STAMP) ## run only the slow tests
+	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" --host 127.0.0.1 --port 5000
+
+bench: $(STAMP) ## time `make train` with a fresh and with a cached dense baseline
+	$(PY) bench/train_time.py
+
+clean: ## remove outputs (runs, MLflow store, dense cache); keeps the venv
+	rm -rf outputs

@@ -1,0 +1,8 @@
+"""Pruning methods as Lightning callbacks, and the core they share (masks, groups, schedules)."""
+
+from prunelab.pruning.base import PruningCallback, check_compression
+from prunelab.pruning.magnitude import MagnitudePruning
+
+METHODS = {"magnitude": MagnitudePruning}
+
+__all__ = ["METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]

@@ -1,0 +1,44 @@
+"""Pure functions: training step → target sparsity."""
+
+from __future__ import annotations
+
+
+def compression_to_sparsity(compression: float) -> float:
+    """Fraction of zeros for a compression ratio (weights before / nonzero after)."""
+    return 1.0 - 1.0 / compression
+
+
+def cubic(step: int, begin: int, end: int, final: float, initial: float = 0.0, exponent: float = 3.0) -> float:
+    """Zhu & Gupta (2017, arXiv 1710.01878, eq. 1): s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(t_end − t₀))³."""
+    if end <= begin:
+        return final if step >= begin else initial
+    progress = min(max((step - begin) / (end - begin), 0.0), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** exponent
+
+
+def linear(step: int, begin: int, end: int, final: float, initial: float = 0.0) -> float:
+    """Linear ramp from ``initial`` at ``begin`` to ``final`` at ``end``."""
+    return cubic(step, begin, end, final, initial, exponent=1.0)
+
+
+def iterative_round_sparsity(round_index: int, rounds: int, final: float) -> float:
+    """Sparsity after round ``round_index`` (0-based) of ``rounds``: each round removes the same fraction of the
+    weights still alive (Han et al. 2015's prune–retrain loop), ending exactly at ``final``."""
+    if round_index >= rounds - 1:
+        return final
+    return 1.0 - (1.0 - final) ** ((round_index + 1) / rounds)
+
+
+def update_steps(mode: str, prune_steps: int, rounds: int = 1, frequency: int = 1) -> list[int]:
+    """Steps at which the masks are recomputed.
+
+    ``one_shot``: step 0. ``iterative``: ``rounds`` updates spread evenly over ``[0, prune_steps)``.
+    ``gradual``: every ``frequency`` steps in ``[0, prune_steps]``, always including ``prune_steps`` itself.
+    """
+    if mode == "one_shot":
+        return [0]
+    if mode == "iterative":
+        return sorted({(r * prune_steps) // rounds for r in range(rounds)})
+    if mode == "gradual":
+        return sorted(set(range(0, prune_steps + 1, max(frequency, 1))) | {prune_steps})
+    raise ValueError(f"Unknown schedule mode {mode!r}; valid choices: one_shot, iterative, gradual")

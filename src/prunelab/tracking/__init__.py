@@ -1,0 +1,1 @@
+"""MLflow: tracking location, run recording, names."""

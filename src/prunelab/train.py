@@ -1,0 +1,156 @@
+"""Entry point: one run = dense baseline (cached) → prune + fine-tune → measure → record in MLflow.
+
+``python -m prunelab.train data=mnist5k model=lenet5 pruning=magnitude pruning.compression=8 seed=0``
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import mlflow
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from prunelab.dense import dense_baseline
+from prunelab.measure import format_table, measure
+from prunelab.models.classifier import Classifier
+from prunelab.pruning import PruningCallback
+from prunelab.tracking.record import run_params, summary
+from prunelab.tracking.store import RunLogger, ensure_experiment, tracking_uri
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@dataclass
+class Parts:
+    datamodule: pl.LightningDataModule
+    net: torch.nn.Module
+    dense_net: torch.nn.Module
+    pruning: PruningCallback | None
+
+
+def _instantiate(node: DictConfig, **kwargs):
+    """``hydra.utils.instantiate`` that lets our own bad-value errors through unwrapped (they already name the
+    key and value); other failures keep Hydra's message, which names the config key and target."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (ValueError, FileNotFoundError)):
+            raise exc.__cause__ from None
+        raise
+
+
+def build(cfg: DictConfig) -> Parts:
+    """Instantiate and check everything a run needs; raises on bad input before any training or MLflow run."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    datamodule = _instantiate(cfg.data)
+    datamodule.prepare_data()  # a missing downloadable dataset fails here, naming its folder and the flag
+    shape = {"in_channels": datamodule.num_channels, "image_size": datamodule.image_size,
+             "num_classes": datamodule.num_classes}
+    net, dense_net = _instantiate(cfg.model, **shape), _instantiate(cfg.model, **shape)
+    pruning = None
+    if cfg.pruning.get("_target_") is not None:
+        pruning = _instantiate(cfg.pruning)
+        if not isinstance(pruning, PruningCallback):
+            raise TypeError(f"pruning._target_={cfg.pruning._target_} is not a PruningCallback")
+        pruning.validate(net)
+    elif float(cfg.pruning.compression) != 1.0:
+        raise ValueError(f"pruning=none runs the dense model; pruning.compression={cfg.pruning.compression} must be 1")
+    return Parts(datamodule, net, dense_net, pruning)
+
+
+def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
+    """Prune + fine-tune ``parts.net`` (already holding the dense weights); return its test accuracy (%)."""
+    pl.seed_everything(int(cfg.seed), workers=True)
+    module = Classifier(parts.net, parts.datamodule.num_classes,
+                        optimizer=instantiate(cfg.finetune.optimizer), scheduler=instantiate(cfg.finetune.scheduler))
+    checkpoints = ModelCheckpoint(dirpath=Path(cfg.paths.run_dir) / "checkpoints", save_last=True)  # every epoch
+    trainer = instantiate(cfg.trainer, max_epochs=int(cfg.finetune.epochs), logger=logger,
+                          callbacks=[parts.pruning, checkpoints])
+    trainer.fit(module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
+    test = trainer.test(module, datamodule=parts.datamodule, verbose=False)[0]
+    return 100.0 * float(test["test/acc"])
+
+
+def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor):
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics, rows = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp)
+        mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
+        if cfg.logger.log_model:
+            torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
+            mlflow.log_artifact(str(Path(tmp) / "model_state.pt"), "model")
+            mlflow.log_artifact(str(Path(tmp) / "model_sparse.npz"), "model")
+    for r in rows:
+        mlflow.log_metric(f"layer_sparsity/{r['layer']}", r["sparsity"])
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment and return its final metrics."""
+    parts = build(cfg)
+    uri = tracking_uri(cfg.logger.tracking_uri, cfg.paths.output_dir)
+    mlflow.set_tracking_uri(uri)
+    exp_id = ensure_experiment(uri, cfg.logger.experiment_name, cfg.logger.artifact_location)
+    describe = parts.pruning.describe() if parts.pruning else {"method": "none", "granularity": "none"}
+    params = run_params(cfg, describe)
+    run_name = cfg.logger.run_name or (
+        f"{params['method']}-c{float(cfg.pruning.compression):g}-{cfg.names.data}-{cfg.names.model}-s{cfg.seed}")
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+        try:
+            mlflow.log_params(params)
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run.info.run_id)
+            dense = dense_baseline(cfg, parts.dense_net, parts.datamodule,
+                                   logger=RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri,
+                                                    run_id=run.info.run_id, prefix="dense"))
+            mlflow.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)})
+            parts.net.load_state_dict(dense.state_dict)
+            dense_acc = 100.0 * dense.meta["test_acc"]
+            if parts.pruning is not None:
+                test_acc = _fit_pruning(cfg, parts, logger)
+                prunable = list(parts.pruning.masks.modules)
+            else:
+                test_acc = dense_acc
+                prunable = [n for n, m in parts.net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+            example = torch.zeros(1, parts.datamodule.num_channels, parts.datamodule.image_size,
+                                  parts.datamodule.image_size)
+            metrics = {"test_acc": test_acc, "dense_test_acc": dense_acc, "acc_drop": dense_acc - test_acc}
+            parts.net.cpu(), parts.dense_net.cpu()
+            metrics.update(_record_model(cfg, parts, prunable, example))
+            mlflow.log_metrics(metrics)
+        except BaseException as exc:
+            mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+    print(summary(params, metrics, run.info.run_id, uri))
+    return metrics
+
+
+def _quiet_libraries() -> None:
+    """Keep the console to our summary: Lightning's banners and tips, and known third-party deprecations."""
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns test accuracy so sweepers can optimise it."""
+    _quiet_libraries()
+    return train(cfg)["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared fixtures: compose the real Hydra config tree for tests, with every path under a temporary folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from prunelab.train import CONF_DIR
+
+# small, fast defaults for integration tests: 8×8 digits, LeNet-300-100, short schedules
+FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false"]
+
+
+@pytest.fixture(scope="session")
+def cache_root(tmp_path_factory) -> Path:
+    """Dense-baseline cache shared by the whole session (the cache is part of what is tested)."""
+    return tmp_path_factory.mktemp("dense_cache")
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_root, monkeypatch):
+    """``make_cfg(*overrides)`` → composed config as the CLI would build it, tracking in ``tmp_path``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def _make(*overrides: str, fast: bool = True):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                config_name="train",
+                overrides=[*(FAST if fast else []), *overrides,
+                           f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
+                           f"paths.cache_dir={cache_root}"],
+                return_hydra_config=True,
+            )
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # the CLI hands the task a config without it
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def runs_in(tmp_path: Path, experiment: str = "prunelab") -> list:
+    """Every run recorded in the test's SQLite store (empty when the store was never created)."""
+    db = tmp_path / "outputs" / "mlflow.db"
+    if not db.exists():
+        return []
+    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch):
+    monkeypatch.setenv("PYTHONHASHSEED", os.environ.get("PYTHONHASHSEED", "0"))

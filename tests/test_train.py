@@ -1,0 +1,106 @@
+"""End-to-end runs through `train(cfg)`: MLflow record, dense cache, bad input, NaN handling."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from conftest import runs_in
+from prunelab.data import DatasetNotFoundError
+from prunelab.models.classifier import NonFiniteLossError
+from prunelab.tracking.record import FINAL_METRICS
+from prunelab.train import train
+
+
+def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("pruning.compression=4", "logger.log_model=true")
+    metrics = train(cfg)
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert set(FINAL_METRICS) <= set(run.data.metrics)
+    assert abs(run.data.metrics["compression"] - 4) / 4 < 0.02
+    assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
+    p = run.data.params
+    assert (p["method"], p["dataset"], p["model"], p["compression_target"], p["granularity"], p["seed"]) == (
+        "magnitude", "digits", "lenet300", "4", "weight", "0")
+    assert p["pruning.mode"] == "gradual" and p["finetune.epochs"] == "2"
+    client = mlflow.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "sparsity_per_layer.md", "model"} <= artifacts
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train/sparsity")) == 2
+    assert "compression   requested 4.00×" in capsys.readouterr().out
+
+
+def test_dense_baseline_trained_once_and_reused(make_cfg, tmp_path):
+    first = train(make_cfg("pruning.compression=2", "seed=7"))
+    second = train(make_cfg("pruning.compression=16", "seed=7"))
+    runs = sorted(runs_in(tmp_path), key=lambda r: r.info.start_time)
+    assert [r.data.tags["dense_cache_hit"] for r in runs] == ["False", "True"]
+    assert runs[0].data.tags["dense_cache_dir"] == runs[1].data.tags["dense_cache_dir"]
+    assert first["dense_test_acc"] == second["dense_test_acc"]
+    assert abs(second["compression"] - 16) / 16 < 0.02
+
+
+def test_pruning_none_is_the_dense_run(make_cfg, tmp_path):
+    metrics = train(make_cfg("pruning=none"))
+    assert metrics["test_acc"] == metrics["dense_test_acc"] and metrics["acc_drop"] == 0
+    assert metrics["compression"] == pytest.approx(1.0, abs=1e-3)
+    assert runs_in(tmp_path)[0].data.params["method"] == "none"
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ("pruning.compression=1", ValueError, r"pruning.compression=1 must be a finite ratio > 1"),
+        ("pruning.compression=0.5", ValueError, r"pruning.compression=0.5"),
+        ("pruning.compression=abc", ValueError, r"pruning.compression='abc' is not a number"),
+        ("pruning.layers=[fc1,fc9]", ValueError, r"\['fc9'\].*fc1, fc2, fc3"),
+        ("pruning.granularity=rows", ValueError, r"'rows'.*weight, filter, channel, column"),
+        ("pruning.mode=sometimes", ValueError, r"pruning.mode='sometimes'"),
+        ("pruning.granularity=filter pruning.compression=5000", ValueError, r"max compression"),
+        ("data.batch_size=0", Exception, r"batch_size.*0"),
+        ("data=mnist", DatasetNotFoundError, r"data.download=true"),
+        ("seed=abc", ValueError, r"seed='abc' must be an integer"),
+    ],
+)
+def test_bad_input_fails_before_any_run(make_cfg, tmp_path, override, error, message):
+    cfg = make_cfg(*override.split())
+    with pytest.raises(error, match=message):
+        train(cfg)
+    assert runs_in(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data=imagenet", r"(?s)data/imagenet.*Available options.*mnist5k"),
+        ("model=alexnet", r"(?s)model/alexnet.*Available options.*lenet5"),
+        ("pruning=obd", r"(?s)pruning/obd.*Available options.*magnitude"),
+        ("pruning.compresion=4", r"compresion"),
+    ],
+)
+def test_unknown_names_and_typos_list_the_choices(make_cfg, override, message):
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match=message):
+        make_cfg(override)
+
+
+def test_cli_bad_name_exits_nonzero_and_creates_no_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunelab.train", "data=nope", f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "data/nope" in proc.stderr and "mnist5k" in proc.stderr
+    assert runs_in(tmp_path) == []
+
+
+def test_nan_loss_ends_the_run_failed_with_reason(make_cfg, tmp_path):
+    cfg = make_cfg("dense.optimizer.lr=1e30", "seed=3")
+    with pytest.raises(NonFiniteLossError):
+        train(cfg)
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["failure_reason"]
