@@ -104,3 +104,30 @@ def test_nan_loss_ends_the_run_failed_with_reason(make_cfg, tmp_path):
     (run,) = runs_in(tmp_path)
     assert run.info.status == "FAILED"
     assert "NonFiniteLossError" in run.data.tags["failure_reason"]
+
+
+def test_multirun_sweep_shares_one_dense_baseline(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
+         "finetune.epochs=1", "logger.log_model=false", "pruning.compression=2,8", f"paths.root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(runs_in(tmp_path), key=lambda r: r.info.start_time)
+    assert [r.data.params["compression_target"] for r in runs] == ["2", "8"]
+    assert [r.data.tags["dense_cache_hit"] for r in runs] == ["False", "True"]
+    assert len({r.data.tags["dense_cache_dir"] for r in runs}) == 1
+    for run in runs:
+        target = float(run.data.params["compression_target"])
+        assert abs(run.data.metrics["compression"] - target) / target < 0.02
+
+
+def test_mlflow_tracking_uri_points_at_another_store(make_cfg, tmp_path, monkeypatch):
+    other = tmp_path / "elsewhere.db"
+    cfg = make_cfg("pruning.compression=2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    train(cfg)
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{other}")
+    (run,) = mlflow.search_runs(experiment_names=["prunelab"], output_format="list")
+    assert run.info.status == "FINISHED" and run.data.params["compression_target"] == "2"
