@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow ui bench clean
+.PHONY: help venv train test test-slow sweep report ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -16,7 +16,7 @@ help: ## list the targets
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install -c constraints.txt -e '.[dev,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP) ## create the virtual environment (pinned by constraints.txt) if missing
@@ -29,6 +29,12 @@ test: $(STAMP) ## run the tests (without the slow ones)
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+sweep: $(STAMP) ## the default sweep: every method × ratios 2–64 × mnist5k, digits; report on the parent run
+	$(PY) -m prunelab.train sweep=default $(ARGS)
+
+report: $(STAMP) ## rebuild a sweep's report from MLflow: make report ARGS="--sweep-id <id>" (default: all runs)
+	$(VENV)/bin/prunelab-report $(ARGS)
 
 ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" --host 127.0.0.1 --port 5000

@@ -58,5 +58,9 @@ def runs_in(tmp_path: Path, experiment: str = "prunelab") -> list:
 
 
 @pytest.fixture(autouse=True)
-def _isolate_env(monkeypatch):
-    monkeypatch.setenv("PYTHONHASHSEED", os.environ.get("PYTHONHASHSEED", "0"))
+def _no_tracking_uri_leak():
+    """MLflow's set_tracking_uri exports MLFLOW_TRACKING_URI; without this, a test's subprocess would record into
+    the store of the test before it (or into the developer's own server)."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

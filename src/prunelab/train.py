@@ -24,6 +24,7 @@ from prunelab.dense import dense_baseline
 from prunelab.measure import format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.pruning import PruningCallback
+from prunelab.tracking import sweep
 from prunelab.tracking.record import run_params, summary
 from prunelab.tracking.store import RunLogger, ensure_experiment, tracking_uri
 
@@ -96,17 +97,49 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
     return metrics
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one experiment and return its final metrics."""
-    parts = build(cfg)
+def _experiment(cfg: DictConfig) -> tuple[str, str]:
+    """Tracking URI (set as MLflow's current one) and the experiment id, created if missing."""
     uri = tracking_uri(cfg.logger.tracking_uri, cfg.paths.output_dir)
     mlflow.set_tracking_uri(uri)
-    exp_id = ensure_experiment(uri, cfg.logger.experiment_name, cfg.logger.artifact_location)
+    return uri, ensure_experiment(uri, cfg.logger.experiment_name, cfg.logger.artifact_location)
+
+
+def _end_failed(exc: BaseException) -> None:
+    """End the active run as FAILED (KILLED on Ctrl-C) with the reason as the ``failure_reason`` tag."""
+    mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
+    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+
+
+def _record_failed_job(cfg: DictConfig, job_sweep: sweep.Sweep, exc: BaseException) -> None:
+    """In a sweep, a job rejected before it started still gets a FAILED child run, so the sweep's report can
+    mark its cell; a single run with bad input creates no run at all."""
+    _, exp_id = _experiment(cfg)
+    params = run_params(cfg, {"method": cfg.names.pruning, "granularity": cfg.pruning.get("granularity", "none")})
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"failed-{cfg.names.pruning}",
+                          parent_run_id=job_sweep.parent_run_id, tags={"sweep_id": job_sweep.sweep_id}):
+        mlflow.log_params(params)
+        _end_failed(exc)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment and return its final metrics."""
+    job_sweep = sweep.current()
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    try:
+        parts = build(cfg)
+    except Exception as exc:
+        if job_sweep is not None:
+            _record_failed_job(cfg, job_sweep, exc)
+        raise
+    uri, exp_id = _experiment(cfg)
     describe = parts.pruning.describe() if parts.pruning else {"method": "none", "granularity": "none"}
     params = run_params(cfg, describe)
     run_name = cfg.logger.run_name or (
         f"{params['method']}-c{float(cfg.pruning.compression):g}-{cfg.names.data}-{cfg.names.model}-s{cfg.seed}")
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run:
+    parent = job_sweep.parent_run_id if job_sweep else None
+    tags = {"sweep_id": job_sweep.sweep_id} if job_sweep else {}
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent, tags=tags) as run:
         try:
             mlflow.log_params(params)
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -130,8 +163,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics.update(_record_model(cfg, parts, prunable, example))
             mlflow.log_metrics(metrics)
         except BaseException as exc:
-            mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
-            mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            _end_failed(exc)
             raise
     print(summary(params, metrics, run.info.run_id, uri))
     return metrics
@@ -149,7 +181,14 @@ def _quiet_libraries() -> None:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns test accuracy so sweepers can optimise it."""
     _quiet_libraries()
-    return train(cfg)["test_acc"]
+    try:
+        return train(cfg)["test_acc"]
+    except Exception as exc:
+        if sweep.current() is None:
+            raise
+        # the run is FAILED in MLflow with its reason; the other jobs of the sweep go on
+        log.error("sweep job failed: %s: %s", type(exc).__name__, exc)
+        return float("nan")
 
 
 if __name__ == "__main__":
