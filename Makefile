@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow sweep report ui bench clean
+.PHONY: help venv train test test-slow sweep report regress ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ sweep: $(STAMP) ## the default sweep: every method × ratios 2–64 × mnist5k, 
 
 report: $(STAMP) ## rebuild a sweep's report from MLflow: make report ARGS="--sweep-id <id>" (default: all runs)
 	$(VENV)/bin/prunelab-report $(ARGS)
+
+regress: $(STAMP) ## regression gate: run the fixed grid, compare with regress/baseline.json, exit 1 on a regression
+	$(PY) -m prunelab.tracking.regress $(ARGS)
 
 ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" --host 127.0.0.1 --port 5000
