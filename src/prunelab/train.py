@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from prunelab.dense import dense_baseline
-from prunelab.measure import format_table, measure
+from prunelab.measure import LATENCY_FILE, format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.pruning import PruningCallback
 from prunelab.tracking import sweep
@@ -84,16 +84,19 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
     return 100.0 * float(test["test/acc"])
 
 
-def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor):
+def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor) -> dict[str, float]:
+    """Measure the pruned model against the dense one and log the per-layer table, latency samples and model."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics, rows = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp)
+        metrics, rows = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
+                                **OmegaConf.to_container(cfg.measure, resolve=True))
         mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
+        if (Path(tmp) / LATENCY_FILE).exists():
+            mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
         if cfg.logger.log_model:
             torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
             mlflow.log_artifact(str(Path(tmp) / "model_state.pt"), "model")
             mlflow.log_artifact(str(Path(tmp) / "model_sparse.npz"), "model")
-    for r in rows:
-        mlflow.log_metric(f"layer_sparsity/{r['layer']}", r["sparsity"])
+    mlflow.log_metrics({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows})
     return metrics
 
 

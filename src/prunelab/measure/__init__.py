@@ -1,17 +1,22 @@
-"""Measurement of a pruned model against its dense parent: sparsity, params, MACs, bytes."""
+"""Measurement of a pruned model against its dense parent: sparsity, params, MACs, bytes, latency."""
 
 from __future__ import annotations
 
+import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from prunelab.measure.compact import compact
+from prunelab.measure.compact import CompactionError, CompactResult, compact
+from prunelab.measure.latency import measure_latency
 from prunelab.measure.sparsity import format_table, layer_table, sparsity_metrics
 from prunelab.measure.storage import save_dense, save_sparse
+
+LATENCY_FILE = "latency.json"
 
 
 def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
@@ -20,32 +25,68 @@ def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
     return int(macs)
 
 
-def measure(
-    pruned: nn.Module, dense: nn.Module, prunable: list[str], example_input: torch.Tensor, out_dir: str | Path | None = None
-) -> tuple[dict[str, float], list[dict]]:
-    """Final size metrics (DESIGN.md names) and the per-layer sparsity table.
+def _count_params(net: nn.Module) -> tuple[int, int]:
+    return (sum(p.numel() for p in net.parameters()),
+            sum(int(torch.count_nonzero(p.detach())) for p in net.parameters()))
 
-    The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
-    ``bytes_stored``.
+
+def measure(
+    pruned: nn.Module,
+    dense: nn.Module,
+    prunable: list[str],
+    example_input: torch.Tensor,
+    out_dir: str | Path | None = None,
+    *,
+    latency: bool = False,
+    batch_sizes: Sequence[int] = (1, 64),
+    blocks: int = 5,
+    threads: int | None = None,
+    min_run_time: float = 0.1,
+    gpu: bool = True,
+    atol: float = 1e-4,
+) -> tuple[dict[str, float], list[dict]]:
+    """Final metrics (DESIGN.md names) and the per-layer sparsity table.
+
+    ``sparsity``/``compression`` are counted on the masked model; ``params``, ``params_nonzero`` and ``macs`` on its
+    compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
+    ``atol``). The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
+    ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
+    are the ``measure:`` block of ``conf/train.yaml`` (see :func:`prunelab.measure.latency.measure_latency`).
     """
     metrics = sparsity_metrics(pruned, prunable)
     rows = layer_table(pruned, prunable)
-    was_training = pruned.training
+    modes = pruned.training, dense.training
     pruned.eval()
     dense.eval()
-    with torch.no_grad():
-        compacted = compact(pruned, example_input)
-        metrics["macs"] = float(count_macs(compacted, example_input))
-        metrics["dense_macs"] = float(count_macs(dense, example_input))
-    metrics["macs_reduction"] = metrics["dense_macs"] / max(metrics["macs"], 1.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(out_dir) if out_dir is not None else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        metrics["bytes_dense"] = float(save_dense(dense, Path(tmp) / "dense.npz"))
-        metrics["bytes_stored"] = float(save_sparse(pruned, folder / "model_sparse.npz", prunable))
+    try:
+        result = compact(pruned, example_input, atol=atol)
+        compacted = result.net
+        metrics["params"], metrics["params_nonzero"] = map(float, _count_params(compacted))
+        metrics["dense_params"] = float(_count_params(dense)[0])
+        metrics["compaction_max_abs_diff"] = result.max_abs_diff
+        metrics["compaction_channels_removed"] = float(sum(result.removed.values()))
+        with torch.no_grad():
+            metrics["macs"] = float(count_macs(compacted, example_input))
+            metrics["dense_macs"] = float(count_macs(dense, example_input))
+        metrics["macs_reduction"] = metrics["dense_macs"] / max(metrics["macs"], 1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(out_dir) if out_dir is not None else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            metrics["bytes_dense"] = float(save_dense(dense, Path(tmp) / "dense.npz"))
+            metrics["bytes_stored"] = float(save_sparse(pruned, folder / "model_sparse.npz", prunable))
+            if latency:
+                timed = measure_latency(dense, compacted, example_input, list(batch_sizes), int(blocks), threads,
+                                        float(min_run_time), bool(gpu))
+                metrics.update(timed.metrics)
+                (folder / LATENCY_FILE).write_text(json.dumps(timed.samples))
+    finally:
+        pruned.train(modes[0])
+        dense.train(modes[1])
     metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
-    pruned.train(was_training)
     return metrics, rows
 
 
-__all__ = ["compact", "count_macs", "format_table", "layer_table", "measure", "sparsity_metrics"]
+__all__ = [
+    "CompactResult", "CompactionError", "compact", "count_macs", "format_table", "layer_table", "measure",
+    "measure_latency", "sparsity_metrics",
+]

@@ -6,6 +6,9 @@ total but never pruned. Every layer keeps at least ``min_keep`` groups so the ne
 
 Selection is an exact, deterministic top-k (stable sort; ties broken by index), not a percentile with a strict
 inequality, so the achieved sparsity is the requested one up to one group.
+
+N:M granularities (e.g. ``2:4``) fix the sparsity at 1 − N/M: every eligible layer keeps the N largest scores of
+each block of M, and a requested sparsity whose compression is more than 2 % away from what that gives is an error.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ def allocate(
     """
     if scope not in SCOPES:
         raise ValueError(f"Unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+    nm = groups.parse_nm(granularity)
+    if nm is not None:
+        return _allocate_nm(weights, scores, sparsity, nm, layer_sparsity)
     sizes = {n: groups.group_size(weights[n], granularity) for n in scores}
     counts = {n: scores[n].numel() for n in scores}
     caps = {n: max(counts[n] - min_keep, 0) for n in scores}
@@ -79,6 +85,28 @@ def allocate(
         n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity) if n in scores else torch.ones_like(w, dtype=torch.bool)
         for n, w in weights.items()
     }
+
+
+def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sparsity) -> dict[str, torch.Tensor]:
+    """N:M masks on every scored layer; the achieved compression must match the requested one within 2 %."""
+    n, m = nm
+    if layer_sparsity:
+        raise ValueError(f"layer_sparsity does not apply to granularity '{n}:{m}' (its sparsity is fixed by N:M)")
+    masks = {
+        name: groups.nm_mask(scores[name].reshape(w.shape), n, m, name) if name in scores
+        else torch.ones_like(w, dtype=torch.bool)
+        for name, w in weights.items()
+    }
+    total = sum(w.numel() for w in weights.values())
+    achieved = total / max(sum(int(k.sum()) for k in masks.values()), 1)
+    requested = 1.0 / max(1.0 - sparsity, 1e-12)
+    if abs(achieved - requested) / requested > 0.02:
+        raise ValueError(
+            f"granularity '{n}:{m}' fixes the compression at {m / n:g} on the layers it prunes ({achieved:.3f} over "
+            f"all {total} prunable weights) but compression {requested:.3f} was requested; set pruning.compression="
+            f"{m / n:g}"
+        )
+    return masks
 
 
 def _global_counts(scores, sizes, caps, needed: int) -> dict[str, int]:

@@ -44,7 +44,7 @@ class PruningCallback(pl.Callback):
 
     Args:
         compression: requested ratio, prunable weights before / nonzero prunable weights after.
-        granularity: ``weight``, ``filter``, ``channel`` or ``column``.
+        granularity: ``weight``, ``filter``, ``channel``, ``column`` or N:M such as ``2:4``.
         scope: ``global`` (rank all layers together) or ``layer`` (same ratio in every layer).
         layers: module names of the network to prune (default: every Conv2d and Linear).
         exclude: module names to keep dense.
@@ -128,6 +128,8 @@ class PruningCallback(pl.Callback):
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         """Recompute masks for ``sparsity`` over the prunable weights and zero what they remove."""
+        if groups.parse_nm(self.granularity):
+            sparsity = self.final_sparsity  # an N:M mask has one sparsity: every scheduled update applies it
         weights = {n: m.weight for n, m in self.masks.modules.items()}
         scores = {n: self.group_scores(n, weights[n]) for n in weights if n in self._eligible}
         new = allocate(weights, scores, sparsity, self.granularity, self.scope, self.min_keep, self._layer_targets(sparsity))

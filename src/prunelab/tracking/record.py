@@ -63,8 +63,10 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
         f" bytes         stored {_fmt_int(m['bytes_stored'])} vs dense {_fmt_int(m['bytes_dense'])}"
         f"  ({m['storage_compression']:.2f}× smaller)",
     ]
-    for key in ("speedup_cpu_b1", "speedup_cpu_b64"):
-        if key in m:
-            lines.append(f" {key:<13} {m[key]:.2f}×")
+    for device in ("cpu", "gpu"):
+        parts = [f"b{b} {m[f'latency_{device}_b{b}_ms']:.3f} ms ({m[f'speedup_{device}_b{b}']:.2f}× vs dense)"
+                 for b in (1, 64) if f"latency_{device}_b{b}_ms" in m and f"speedup_{device}_b{b}" in m]
+        if parts:
+            lines.append(f" latency {device.upper()}   " + "   ".join(parts))
     lines += ["-" * 72, f" MLflow run {run_id}", f"   store {uri}", "   browse: make ui", "=" * 72]
     return "\n".join(lines)
