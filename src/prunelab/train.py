@@ -90,12 +90,19 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
         metrics, rows = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
                                 **OmegaConf.to_container(cfg.measure, resolve=True))
         mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
+        stored = getattr(parts.pruning, "stored_bytes", None)
+        quantized = stored(Path(tmp) / "model_quantized.npz") if stored else None
+        if quantized is not None:  # the method's own stored form (e.g. ADMM-NN: indices + codes + one step per layer)
+            metrics["bytes_stored"] = float(quantized)
+            metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
         if (Path(tmp) / LATENCY_FILE).exists():
             mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
         if cfg.logger.log_model:
             torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
             mlflow.log_artifact(str(Path(tmp) / "model_state.pt"), "model")
             mlflow.log_artifact(str(Path(tmp) / "model_sparse.npz"), "model")
+            if quantized is not None:
+                mlflow.log_artifact(str(Path(tmp) / "model_quantized.npz"), "model")
     mlflow.log_metrics({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows})
     return metrics
 

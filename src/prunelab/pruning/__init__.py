@@ -1,8 +1,9 @@
 """Pruning methods as Lightning callbacks, and the core they share (masks, groups, schedules)."""
 
+from prunelab.pruning.admm import ADMMPruning
 from prunelab.pruning.base import PruningCallback, check_compression
 from prunelab.pruning.magnitude import MagnitudePruning
 
-METHODS = {"magnitude": MagnitudePruning}
+METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning}
 
-__all__ = ["METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
+__all__ = ["ADMMPruning", "METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
