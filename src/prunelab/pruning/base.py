@@ -13,7 +13,7 @@ from torch import nn
 
 from prunelab.pruning import groups
 from prunelab.pruning.allocate import SCOPES, allocate
-from prunelab.pruning.masks import MaskSet, prunable_layers
+from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
 from prunelab.pruning.schedules import compression_to_sparsity
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,11 @@ class PruningCallback(pl.Callback):
         """Resolve the layers of ``model`` to prune and attach the masks (validates layer names)."""
         modules = prunable_layers(model, self.layers, self.exclude)
         all_layers = list(prunable_layers(model))
-        self.masks.bind(modules)
         self._eligible = {n for n in modules if self.eligible(n, all_layers.index(n), len(all_layers))}
+        dependents = None
+        if self.granularity == "filter":  # a pruned filter takes its bias and BatchNorm channel with it
+            dependents = filter_dependents(model, {n: m for n, m in modules.items() if n in self._eligible})
+        self.masks.bind(modules, dependents)
         if self.layer_sparsity:
             unknown = sorted(set(self.layer_sparsity) - set(modules))
             if unknown:

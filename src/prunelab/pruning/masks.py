@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Iterator
 
 import torch
+import torch.fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 PRUNABLE_TYPES = (nn.Conv2d, nn.Linear)
+Dependent = tuple[nn.Module, str]  # (module, parameter name) of a 1-D parameter indexed by a layer's output filters
+
+log = logging.getLogger(__name__)
 
 
 def prunable_layers(
@@ -36,21 +42,60 @@ def prunable_layers(
     return {name: m for name, m in candidates.items() if name in chosen}
 
 
+def filter_dependents(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, list[Dependent]]:
+    """Per layer, the 1-D parameters that only serve its output filters: its own bias, and the affine γ/β of every
+    BatchNorm whose input is exactly this layer's output.
+
+    A pruned filter still emits its bias, and a BatchNorm turns its zero output into the constant β − γ·μ/σ; zeroing
+    these too makes the channel exactly zero, hence removable by compaction. The BatchNorms are the direct users of
+    the layer's node in a ``torch.fx`` trace (the same edge as Torch-Pruning's conv → BN dependency, but it needs no
+    example input). A BN reached through an addition (residual streams) is never a direct user, so coupled layers
+    never zero each other's channels.
+    """
+    deps: dict[str, list[Dependent]] = {n: [(m, "bias")] if m.bias is not None else [] for n, m in modules.items()}
+    if not any(isinstance(m, _BatchNorm) and m.affine for m in model.modules()):
+        return deps
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 — untraceable forward (data-dependent control flow, …)
+        log.warning("filter pruning: cannot trace %s (%s); BatchNorm channels of pruned filters are left as they are",
+                    type(model).__name__, exc)
+        return deps
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in modules:
+            continue
+        for user in node.users:
+            bn = model.get_submodule(user.target) if user.op == "call_module" else None
+            if isinstance(bn, _BatchNorm) and bn.affine and user.args[0] is node:
+                deps[node.target] += [(bn, "weight"), (bn, "bias")]
+    return deps
+
+
 class MaskSet:
-    """Boolean masks over the ``weight`` of named modules.
+    """Boolean masks over the ``weight`` of named modules, plus their *dependents*.
 
     Masks are kept as bool tensors on the weight's device. ``apply`` zeroes pruned weights in place, ``mask_grads``
     zeroes their gradients and ``mask_optimizer_state`` their optimizer buffers (momentum, Adam moments), so that no
-    optimizer step can move a pruned weight away from zero.
+    optimizer step can move a pruned weight away from zero. Dependents (see :func:`filter_dependents`) are 1-D
+    parameters masked alike by their layer's filter mask, a filter being alive when any of its weights is; that mask
+    is derived from the weight mask, so it is neither stored nor counted in the sparsity.
     """
 
     def __init__(self) -> None:
         self.modules: dict[str, nn.Module] = {}
         self.masks: dict[str, torch.Tensor] = {}
+        self.dependents: dict[str, list[Dependent]] = {}
 
-    def bind(self, modules: dict[str, nn.Module]) -> None:
-        """Attach to the modules to prune; keeps masks already loaded for the same names."""
+    def bind(self, modules: dict[str, nn.Module], dependents: dict[str, list[Dependent]] | None = None) -> None:
+        """Attach to the modules to prune (and the dependents of their filters); keeps masks already loaded for the
+        same names."""
         self.modules = dict(modules)
+        self.dependents = {n: list(d) for n, d in (dependents or {}).items() if d}
+        for name, deps in self.dependents.items():
+            rows = self.modules[name].weight.shape[0]
+            bad = [p for m, p in deps if getattr(m, p).shape != (rows,)]
+            if bad:
+                raise ValueError(f"Dependents {bad} of {name!r} do not have one entry per output filter ({rows})")
         for name, module in self.modules.items():
             mask = self.masks.get(name)
             if mask is None:
@@ -68,27 +113,36 @@ class MaskSet:
     def set(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask.to(dtype=torch.bool, device=self.modules[name].weight.device)
 
+    def _masked(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, mask) for every masked weight and every dependent."""
+        for name, module in self.modules.items():
+            mask = self.masks[name]
+            yield module.weight, mask
+            if name in self.dependents:
+                alive = mask.reshape(mask.shape[0], -1).any(dim=1)
+                for owner, param in self.dependents[name]:
+                    yield getattr(owner, param), alive
+
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every pruned weight."""
-        for name, module in self.modules.items():
-            module.weight.mul_(self.masks[name])
+        """Zero every pruned weight (and dependent)."""
+        for param, mask in self._masked():
+            param.mul_(mask)
 
     @torch.no_grad()
     def mask_grads(self) -> None:
-        for name, module in self.modules.items():
-            if module.weight.grad is not None:
-                module.weight.grad.mul_(self.masks[name])
+        for param, mask in self._masked():
+            if param.grad is not None:
+                param.grad.mul_(mask)
 
     @torch.no_grad()
     def mask_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        """Zero optimizer buffers (momentum, exp_avg, exp_avg_sq, …) shaped like a masked weight."""
+        """Zero optimizer buffers (momentum, exp_avg, exp_avg_sq, …) shaped like a masked parameter."""
         for optimizer in optimizers:
-            for name, module in self.modules.items():
-                state = optimizer.state.get(module.weight, {})
-                for value in state.values():
-                    if torch.is_tensor(value) and value.shape == module.weight.shape:
-                        value.mul_(self.masks[name])
+            for param, mask in self._masked():
+                for value in optimizer.state.get(param, {}).values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        value.mul_(mask)
 
     def counts(self) -> tuple[int, int]:
         """(total, nonzero) over the prunable weights, counted from the weights themselves."""
@@ -106,4 +160,4 @@ class MaskSet:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.masks = {name: mask.to(torch.bool) for name, mask in state.items()}
         if self.modules:
-            self.bind(self.modules)
+            self.bind(self.modules, self.dependents)
