@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from callbacks import Killed, KillAt, ZeroWatch
 from prunelab.data import DigitsDataModule
 from prunelab.models import LeNet5, LeNet300
 from prunelab.models.classifier import Classifier
@@ -21,21 +22,6 @@ OPTIMIZERS = {
     "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
 }
 PAPER_TABLE = {"conv1": 0.8, "conv2": 0.92, "fc1": 0.991, "fc2": 0.93}  # Zhang et al. 2018, LeNet-5
-
-
-class ZeroWatch(pl.Callback):
-    """Counts pruned weights that are nonzero right after an optimizer step (before any re-masking)."""
-
-    def __init__(self, pruning):
-        self.pruning, self.steps, self.violations = pruning, 0, 0
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.optimizers[0].register_step_post_hook(self._check)
-
-    def _check(self, optimizer, args, kwargs):
-        self.steps += 1
-        for name, module in self.pruning.masks.modules.items():
-            self.violations += int(module.weight[~self.pruning.masks.masks[name]].count_nonzero())
 
 
 def _fit(net, pruning, optimizer, epochs=3, callbacks=(), ckpt_path=None, ckpt=False):
@@ -132,19 +118,6 @@ def test_no_regrowth_in_retrain_phase(opt):
     assert 0.0 <= pruning.acc_after_hard_prune <= 1.0  # a fraction, like val/acc
     assert {"admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune"} <= set(
         trainer.callback_metrics)
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(pl.Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise Killed
 
 
 def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from callbacks import Killed, KillAt, ZeroWatch
 from prunelab.data import DigitsDataModule
 from prunelab.models import LeNet5, LeNet300
 from prunelab.models.classifier import Classifier
@@ -17,21 +18,6 @@ OPTIMIZERS = {
     "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
     "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
 }
-
-
-class ZeroWatch(pl.Callback):
-    """Checks, right after every optimizer step (before any re-masking), that pruned weights are exactly zero."""
-
-    def __init__(self, pruning: MagnitudePruning) -> None:
-        self.pruning, self.steps, self.violations = pruning, 0, 0
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.optimizers[0].register_step_post_hook(self._check)
-
-    def _check(self, optimizer, args, kwargs):
-        self.steps += 1
-        for name, module in self.pruning.masks.modules.items():
-            self.violations += int(module.weight[~self.pruning.masks.masks[name]].count_nonzero())
 
 
 def _fit(net, pruning, optimizer, epochs=3, callbacks=(), ckpt_path=None, seed=0, **trainer_kwargs):
@@ -70,21 +56,6 @@ def test_structured_modes_reach_target_in_training(granularity):
 
 def _masks(pruning):
     return {n: m.clone() for n, m in pruning.masks.masks.items()}
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class KillAt(pl.Callback):
-    """Dies at the start of ``epoch``, after the previous epoch's checkpoint was written."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == self.epoch:
-            raise Killed
 
 
 def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):

@@ -11,6 +11,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from callbacks import ZeroWatch, dead_rows
 from prunelab.measure import compact, count_macs
 from prunelab.models import LeNet300, build_model
 from prunelab.models.classifier import Classifier
@@ -45,33 +46,6 @@ def _tp_batchnorms(net: nn.Module) -> dict[str, set[nn.Module]]:
             found[name] = {it.dep.target.module for it in group.items
                            if isinstance(it.dep.target.module, nn.BatchNorm2d) and it.dep.source.module is conv}
     return found
-
-
-def _dead_rows(pruning: MagnitudePruning, name: str) -> torch.Tensor:
-    mask = pruning.masks.masks[name]
-    return ~mask.reshape(mask.shape[0], -1).any(1)
-
-
-def _pruned_values(pruning: MagnitudePruning) -> list[torch.Tensor]:
-    """Every value pruning must hold at zero: masked weights and the dependents of dead filters."""
-    values = [m.weight[~pruning.masks.masks[n]] for n, m in pruning.masks.modules.items()]
-    for name, deps in pruning.masks.dependents.items():
-        values += [getattr(owner, p)[_dead_rows(pruning, name)] for owner, p in deps]
-    return values
-
-
-class ZeroWatch(pl.Callback):
-    """Right after every optimizer step (before re-masking): pruned weights, biases and BN γ/β are exactly zero."""
-
-    def __init__(self, pruning: MagnitudePruning) -> None:
-        self.pruning, self.steps, self.violations = pruning, 0, 0
-
-    def on_train_start(self, trainer, pl_module):
-        trainer.optimizers[0].register_step_post_hook(self._check)
-
-    def _check(self, optimizer, args, kwargs):
-        self.steps += 1
-        self.violations += sum(int(v.count_nonzero()) for v in _pruned_values(self.pruning))
 
 
 def _fit(net: nn.Module, pruning: MagnitudePruning, epochs: int = 2) -> ZeroWatch:
@@ -113,7 +87,7 @@ def test_filter_pruning_removes_channels_through_batchnorm(name, scope, min_redu
     bns = _tp_batchnorms(net)
     dead = 0
     for layer, module in pruning.masks.modules.items():
-        rows = _dead_rows(pruning, layer)
+        rows = dead_rows(pruning, layer)
         dead += int(rows.sum())
         assert not module.weight[rows].any()
         assert module.bias is None or not module.bias[rows].any()
@@ -156,7 +130,7 @@ def test_linear_biases_of_pruned_filters_are_zeroed_but_not_the_classifier():
     assert {n: [p for _, p in d] for n, d in pruning.masks.dependents.items()} == {"fc1": ["bias"], "fc2": ["bias"]}
     pruning.prune_to(pruning.final_sparsity)
     for name in ("fc1", "fc2"):
-        rows = _dead_rows(pruning, name)
+        rows = dead_rows(pruning, name)
         assert rows.any() and not net.get_submodule(name).bias[rows].any()
     assert net.fc3.bias.all()
 
