@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import mlflow
+import torch
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
@@ -132,3 +133,13 @@ def test_mlflow_tracking_uri_points_at_another_store(make_cfg, tmp_path, monkeyp
     mlflow.set_tracking_uri(f"sqlite:///{other}")
     (run,) = mlflow.search_runs(experiment_names=["prunelab"], output_format="list")
     assert run.info.status == "FINISHED" and run.data.params["compression_target"] == "2"
+
+
+def test_seed_decides_the_initial_weights(make_cfg):
+    from prunelab.train import build
+
+    def first_weight(seed):
+        return next(build(make_cfg(f"seed={seed}")).dense_net.parameters()).detach().clone()
+
+    assert torch.equal(first_weight(1), first_weight(1))
+    assert not torch.equal(first_weight(1), first_weight(2))

@@ -25,7 +25,7 @@ from prunelab.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: initial weights drawn after seeding with the run seed (1 ignored it)
 # data options that do not change the trained model
 _DATA_KEYS_IGNORED = ("data_dir", "num_workers", "download")
 

@@ -55,6 +55,7 @@ def build(cfg: DictConfig) -> Parts:
     """Instantiate and check everything a run needs; raises on bad input before any training or MLflow run."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    pl.seed_everything(cfg.seed, workers=True)  # the seed decides the dense model's initial weights too
     datamodule = _instantiate(cfg.data)
     datamodule.prepare_data()  # a missing downloadable dataset fails here, naming its folder and the flag
     shape = {"in_channels": datamodule.num_channels, "image_size": datamodule.image_size,
