@@ -18,10 +18,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from prunelab.pruning import groups
 from prunelab.pruning.allocate import allocate
 from prunelab.pruning.base import PruningCallback, network_of
-from prunelab.pruning.masks import MaskSet
 from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, scan_step
 
 log = logging.getLogger(__name__)
@@ -95,21 +93,15 @@ class ADMMPruning(PruningCallback):
         if self.quant is not None:
             self.quant.check_layers(list(self.masks.modules))
 
-    def validate(self, model: torch.nn.Module) -> None:
+    def validate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Base checks, plus: a per-layer table must give the requested compression (within 2 %)."""
-        super().validate(model)
-        if not self.layer_sparsity:
-            return
-        self.bind(model)
-        weights = {n: m.weight for n, m in self.masks.modules.items()}
-        zeros = {n: torch.zeros(groups.group_shape(weights[n], self.granularity)) for n in self._eligible}
-        masks = allocate(weights, zeros, self.final_sparsity, self.granularity, self.scope, self.min_keep,
-                         self.layer_sparsity)
-        self.masks = MaskSet()
-        implied = sum(w.numel() for w in weights.values()) / max(sum(int(m.sum()) for m in masks.values()), 1)
-        if abs(implied - self.compression) / self.compression > 0.02:
-            raise ValueError(f"pruning.compression={self.compression:g} disagrees with pruning.layer_sparsity, "
-                             f"which gives {implied:.2f}× on this model; set compression to {implied:.2f}")
+        trial = super().validate(model)
+        if self.layer_sparsity:
+            implied = sum(m.numel() for m in trial.values()) / max(sum(int(m.sum()) for m in trial.values()), 1)
+            if abs(implied - self.compression) / self.compression > 0.02:
+                raise ValueError(f"pruning.compression={self.compression:g} disagrees with pruning.layer_sparsity, "
+                                 f"which gives {implied:.2f}× on this model; set compression to {implied:.2f}")
+        return trial
 
     def constrained(self) -> list[str]:
         """Layers with a Z/U pair: those pruned at this granularity, and every layer when quantizing."""

@@ -114,13 +114,18 @@ class PruningCallback(pl.Callback):
             if unknown:
                 raise ValueError(f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}")
 
-    def validate(self, model: nn.Module) -> None:
-        """Check, before any training, that the layers exist and the target is reachable at this granularity."""
+    def validate(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Check, before any training, that the layers exist and the target is reachable at this granularity.
+
+        Returns the trial masks of that check (scores all equal), so subclasses can check what they imply.
+        """
         self.bind(model)
         weights = {n: m.weight for n, m in self.masks.modules.items()}
         zeros = {n: torch.zeros(groups.group_shape(weights[n], self.granularity)) for n in self._eligible}
-        allocate(weights, zeros, self.final_sparsity, self.granularity, self.scope, self.min_keep, self.layer_sparsity)
+        trial = allocate(weights, zeros, self.final_sparsity, self.granularity, self.scope, self.min_keep,
+                         self.layer_sparsity)
         self.masks = MaskSet()
+        return trial
 
     def group_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Importance of every group (low = pruned first). Default: L2 norm, RMS-normalised for structured global

@@ -41,7 +41,7 @@ def load_runs(uri: str, experiment: str, sweep_id: str | None = None) -> pd.Data
     filter_string = f"tags.sweep_id = '{sweep_id}'" if sweep_id else ""
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="pandas")
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "status", *CELL, "label", "seed", "test_acc"])
+        return pd.DataFrame(columns=["run_id", "status", *CELL, "seed", "test_acc"])
     kind = runs.get(f"tags.{KIND_TAG}", pd.Series(index=runs.index, dtype=object))
     runs = runs[kind.ne("sweep")]
     out = pd.DataFrame({"run_id": runs["run_id"], "status": runs["status"]})
@@ -49,8 +49,8 @@ def load_runs(uri: str, experiment: str, sweep_id: str | None = None) -> pd.Data
         out[key] = runs.get(f"params.{key}")
     out["compression_target"] = pd.to_numeric(out["compression_target"], errors="coerce")
     granular = out["granularity"].fillna("weight")
-    out["label"] = out["method"].where(granular.isin(["weight", "none"]), out["method"] + " (" + granular + ")")
-    out["method"] = out["label"]
+    # a method's line in the report: its name, plus the granularity when structured
+    out["method"] = out["method"].where(granular.isin(["weight", "none"]), out["method"] + " (" + granular + ")")
     for name in ("test_acc", "acc_drop", "compression", "macs_reduction", "latency_cpu_b1_ms", "speedup_cpu_b1"):
         out[name] = runs.get(f"metrics.{name}", np.nan)
     out["failure_reason"] = runs.get("tags.failure_reason")
