@@ -113,7 +113,7 @@ def test_no_regrowth_in_retrain_phase(opt):
     watch = ZeroWatch(pruning)
     trainer = _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "retrain" and pruning.hard_prune_step == trainer.estimated_stepping_batches // 2
+    assert pruning.phase == "finetune" and pruning.hard_prune_step == trainer.estimated_stepping_batches // 2
     assert abs(_compression(pruning) - 10) / 10 < 0.02
     assert 0.0 <= pruning.acc_after_hard_prune <= 1.0  # a fraction, like val/acc
     assert {"admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune"} <= set(
@@ -137,7 +137,7 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
     with pytest.raises(Killed):
         _fit(fresh(), first, opt, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
              ckpt=True)
-    assert first.phase == "admm" and first.last_update > 0 and first.rho > first.rho0  # killed mid-ADMM
+    assert first.phase == "prune" and first.last_update > 0 and first.rho > first.rho0  # killed mid-ADMM
     saved = {k: {n: t.clone() for n, t in getattr(first, k).items()} for k in ("Z", "U")}
     resumed, seen = ADMMPruning(**kwargs), {}
 
@@ -152,7 +152,7 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
         assert all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert (seen["rho"], seen["last"]) == (first.rho, first.last_update)
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
-    assert resumed.phase == full.phase == "retrain"
+    assert resumed.phase == full.phase == "finetune"
 
 
 def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):

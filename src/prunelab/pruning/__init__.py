@@ -1,7 +1,8 @@
 """Pruning methods as Lightning callbacks, and the core they share (masks, groups, schedules)."""
 
 from prunelab.pruning.admm import ADMMPruning
-from prunelab.pruning.base import PruningCallback, check_compression
+from prunelab.pruning.base import PruningCallback
+from prunelab.pruning.checks import check_compression
 from prunelab.pruning.magnitude import MagnitudePruning
 
 METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning}

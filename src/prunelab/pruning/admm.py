@@ -1,9 +1,9 @@
 """ADMM weight pruning (Zhang et al. 2018, arXiv 1804.03294) with structured projections and ADMM-NN joint
 quantization (Ye et al. 2019, arXiv 1812.11677). METHODS.md §1.
 
-Phases: ``admm`` trains the dense weights with the augmented-Lagrangian term Σ ρ/2‖W − Z + U‖²_F, updating
-Z ← Π(W + U), U ← U + W − Z every period; then a hard prune (masks = support of Π(W)); then ``retrain`` with fixed
-masks. Quantized layers are retrained with a straight-through estimator: the forward/backward pass sees the weights
+Phases: ``prune`` (the ADMM phase) trains the dense weights with the augmented-Lagrangian term Σ ρ/2‖W − Z + U‖²_F,
+updating Z ← Π(W + U), U ← U + W − Z every period; then a hard prune (masks = support of Π(W)); then ``finetune``
+(masked retraining). Quantized layers are retrained with a straight-through estimator: the forward/backward pass sees the weights
 on their levels, the optimizer steps a float copy (zero where pruned), and the weights are re-snapped after every
 optimizer step, so both the zeros and the levels hold exactly at every forward pass, validation and checkpoint.
 """
@@ -18,23 +18,15 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from prunelab.pruning.allocate import allocate
-from prunelab.pruning.base import PruningCallback, network_of
+from prunelab.pruning.base import BASE_OPTIONS, PruningCallback, network_of
+from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, scan_step
 
 log = logging.getLogger(__name__)
 
 UPDATE_UNITS = ("steps", "epochs")
-BASE_OPTIONS = ("granularity", "scope", "layers", "exclude", "layer_sparsity", "min_keep")
-PHASES = ("admm", "retrain")
-
-
-def _number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not ((value > low) if low_open else (value >= low)) or value > high:
-        bound = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-        raise ValueError(f"pruning.{key}={value!r} must be a number {bound}")
-    return float(value)
+OPTIONS = ("rho", "rho_growth", "rho_max", "update_every", "update_unit", "admm_fraction", "quantize",
+           "eval_after_hard_prune", *BASE_OPTIONS)
 
 
 class ADMMPruning(PruningCallback):
@@ -58,25 +50,18 @@ class ADMMPruning(PruningCallback):
     def __init__(self, compression: float, rho: float = 3e-2, rho_growth: float = 1.0, rho_max: float | None = None,
                  update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5, quantize=None,
                  eval_after_hard_prune: bool = True, **kwargs) -> None:
-        unknown = sorted(set(kwargs) - set(BASE_OPTIONS))
-        if unknown:
-            raise ValueError(f"Unknown ADMM option(s) {unknown}; valid: rho, rho_growth, rho_max, update_every, "
-                             f"update_unit, admm_fraction, quantize, eval_after_hard_prune, {', '.join(BASE_OPTIONS)}")
+        check_known("ADMM", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)
-        self.rho0 = self.rho = _number("rho", rho, 0.0)
-        self.rho_growth = _number("rho_growth", rho_growth, 1.0, low_open=False)
-        self.rho_max = None if rho_max is None else _number("rho_max", rho_max, 0.0)
+        self.rho0 = self.rho = check_number("rho", rho, 0.0)
+        self.rho_growth = check_number("rho_growth", rho_growth, 1.0, low_open=False)
+        self.rho_max = None if rho_max is None else check_number("rho_max", rho_max, 0.0)
         if self.rho_max is not None and self.rho_max < self.rho0:
             raise ValueError(f"pruning.rho_max={rho_max!r} must be >= pruning.rho={rho!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"pruning.update_every={update_every!r} must be an integer >= 1")
-        if update_unit not in UPDATE_UNITS:
-            raise ValueError(f"pruning.update_unit={update_unit!r} is not one of: {', '.join(UPDATE_UNITS)}")
-        self.admm_fraction = _number("admm_fraction", admm_fraction, 0.0, 1.0)
-        self.update_every, self.update_unit = update_every, update_unit
+        self.update_every = check_int("update_every", update_every)
+        self.update_unit = check_choice("update_unit", update_unit, UPDATE_UNITS)
+        self.admm_fraction = check_number("admm_fraction", admm_fraction, 0.0, 1.0)
         self.quant = QuantSpec.from_config(quantize)
         self.eval_after_hard_prune = bool(eval_after_hard_prune)
-        self._phase = "admm"
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.last_update = -1  # global step of the last Z/U update (or of the initialisation)
@@ -85,7 +70,7 @@ class ADMMPruning(PruningCallback):
         self.acc_after_hard_prune: float | None = None
         self.hard_prune_step, self.period = 0, 1
         self._net: torch.nn.Module | None = None
-        self._stepped = False
+        self._stepped = False  # the optimizer stepped the float copy: snap to the levels after the step
 
     # ----------------------------------------------------------------- projection Π (and Q for ADMM-NN)
     def bind(self, model: torch.nn.Module) -> None:
@@ -115,16 +100,13 @@ class ADMMPruning(PruningCallback):
         ``global`` scope the groups are ranked by RMS norm, the greedy order for the size-weighted knapsack.
         Quantized layers then go to their nearest nonzero level (ADMM-NN: prune, then quantize the survivors).
         """
-        weights = {n: m.weight for n, m in self.masks.modules.items()}
-        scores = {n: self.group_scores(n, xs[n]) for n in xs if n in self._eligible}
-        masks = allocate(weights, scores, self.final_sparsity, self.granularity, self.scope, self.min_keep,
-                         self._layer_targets(self.final_sparsity))
+        masks = self.allocation(self.final_sparsity, xs)
         out = {n: x * masks[n] for n, x in xs.items()}
         if quantized and self.quant is not None:
             out = {n: quantize(z, self.q[n], self.quant.levels(n)) for n, z in out.items()}
         return out
 
-    def _weights(self) -> dict[str, torch.Tensor]:
+    def _constrained_weights(self) -> dict[str, torch.Tensor]:
         return {n: self.masks.modules[n].weight.detach() for n in self.constrained()}
 
     # ----------------------------------------------------------------- schedule
@@ -139,19 +121,11 @@ class ADMMPruning(PruningCallback):
             self.period = self.update_every
             self.hard_prune_step = int(self.admm_fraction * total)
 
-    def targets(self, trainer: pl.Trainer) -> dict[int, float]:
-        self._schedule(trainer)
-        return {self.hard_prune_step: self.final_sparsity}
-
-    @property
-    def phase(self) -> str:
-        return self._phase
-
     # ----------------------------------------------------------------- ADMM iterations
     @torch.no_grad()
     def init_admm(self) -> None:
         """Z ← Π(W), U ← 0 (and the per-layer quantization steps, fixed from here on)."""
-        w = self._weights()
+        w = self._constrained_weights()
         if self.quant is not None and not self.q:
             pruned = self.project(w, quantized=False)
             self.q = {n: scan_step(pruned[n], self.quant.levels(n)) for n in w}
@@ -162,7 +136,7 @@ class ADMMPruning(PruningCallback):
     def admm_update(self) -> dict[str, float]:
         """One ADMM iteration (paper eqs. 8–9): Z ← Π(W + U), then U ← U + W − Z with the new Z; then ρ grows
         (optional), with the scaled dual rescaled by ρ_old/ρ_new (Boyd et al. 2011 §3.4.1)."""
-        w = self._weights()
+        w = self._constrained_weights()
         z = self.project({n: w[n] + self.U[n] for n in w})
         z_change = math.sqrt(sum(float((z[n] - self.Z[n]).square().sum()) for n in w))
         for n in w:
@@ -186,47 +160,26 @@ class ADMMPruning(PruningCallback):
             for n, module in self.masks.modules.items():
                 self.latent[n] = module.weight.detach().clone()
                 module.weight.copy_(quantize(module.weight, self.q[n], self.quant.levels(n)))
-        self._phase, self.Z, self.U = "retrain", {}, {}
+        self.Z, self.U = {}, {}
 
-    @torch.no_grad()
-    def _val_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None:
-            return None
-        rng, was_training = torch.get_rng_state(), pl_module.training
-        pl_module.eval()
-        correct = total = 0
-        for x, y in datamodule.val_dataloader():
-            x, y = x.to(pl_module.device), y.to(pl_module.device)
-            correct += int((pl_module(x).argmax(1) == y).sum())
-            total += y.numel()
-        pl_module.train(was_training)
-        torch.set_rng_state(rng)  # the extra loader must not shift the training run's random stream
-        return correct / max(total, 1)
-
-    # ----------------------------------------------------------------- Lightning hooks
+    # ----------------------------------------------------------------- the core's method hooks
     def setup(self, trainer, pl_module, stage) -> None:
         super().setup(trainer, pl_module, stage)
         self._net = network_of(pl_module)
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._targets = self.targets(trainer)
-        device = next(iter(self.masks.modules.values())).weight.device
-        self.Z, self.U, self.latent = ({n: t.to(device) for n, t in d.items()} for d in (self.Z, self.U, self.latent))
-        self.masks.apply()
-        if self._phase == "admm" and not self.Z:
+    def start(self, trainer: pl.Trainer) -> None:
+        self._schedule(trainer)
+        if not self.done and not self.Z:
             self.init_admm()
             self.last_update = trainer.global_step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if self._phase != "admm":
-            return
         if step >= self.hard_prune_step:
             self.hard_prune(trainer)
             pl_module.log("prune/target_sparsity", self.final_sparsity, on_step=False, on_epoch=True)
             if self.eval_after_hard_prune:
-                self.acc_after_hard_prune = self._val_accuracy(trainer, pl_module)
+                self.acc_after_hard_prune = self.val_accuracy(trainer, pl_module)
                 if self.acc_after_hard_prune is not None:
                     pl_module.log("admm/acc_after_hard_prune", self.acc_after_hard_prune, on_step=False, on_epoch=True)
         elif step % self.period == 0 and step != self.last_update:
@@ -235,51 +188,48 @@ class ADMMPruning(PruningCallback):
             for key, value in signals.items():
                 pl_module.log(key, value, on_step=False, on_epoch=True)
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        with torch.no_grad():
-            if self._phase == "admm":
-                for n in self.Z:  # ∂/∂W of ρ/2‖W − Z + U‖²_F (paper eq. 7), added to the task gradient
-                    w = self.masks.modules[n].weight
-                    if w.grad is not None:
-                        w.grad.add_(w - self.Z[n] + self.U[n], alpha=self.rho)
-            elif self.latent:  # straight-through: gradient taken at the levels, step applied to the float copy
-                for n, latent in self.latent.items():
-                    self.masks.modules[n].weight.copy_(latent)
-                self._stepped = True
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+    @torch.no_grad()
+    def regularize(self, trainer: pl.Trainer | None) -> None:
+        if not self.done:
+            for n in self.Z:  # ∂/∂W of ρ/2‖W − Z + U‖²_F (paper eq. 7), added to the task gradient
+                w = self.masks.modules[n].weight
+                if w.grad is not None:
+                    w.grad.add_(w - self.Z[n] + self.U[n], alpha=self.rho)
+        elif self.latent:  # straight-through: gradient taken at the levels, step applied to the float copy
+            for n, latent in self.latent.items():
+                self.masks.modules[n].weight.copy_(latent)
+            self._stepped = True
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    @torch.no_grad()
+    def after_step(self, trainer: pl.Trainer) -> None:
         if self._stepped:
-            with torch.no_grad():
-                for n, latent in self.latent.items():
-                    w = self.masks.modules[n].weight
-                    latent.copy_(w)
-                    w.copy_(quantize(w, self.q[n], self.quant.levels(n)))
+            for n, latent in self.latent.items():
+                w = self.masks.modules[n].weight
+                latent.copy_(w)
+                w.copy_(quantize(w, self.q[n], self.quant.levels(n)))
             self._stepped = False
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self._phase == "admm":
-            log.warning("admm: training ended in the ADMM phase; hard pruning now (no retraining after this step)")
-            self.hard_prune(trainer)
+    def finalize(self, trainer: pl.Trainer | None) -> None:
+        self.hard_prune(trainer)
 
     # ----------------------------------------------------------------- storage and state
     def stored_bytes(self, path: str | os.PathLike) -> int | None:
         """Write the quantized stored form of the fitted network to ``path`` and return its size in bytes;
         ``None`` when not quantizing (the generic bitmask + float32 form applies)."""
-        if self.quant is None or self._net is None or self._phase != "retrain":
+        if self.quant is None or self._net is None or not self.done:
             return None
         return save_quantized(self._net, path, {n: (self.q[n], self.quant.levels(n)) for n in self.masks.modules})
 
+    def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"Z": self.Z, "U": self.U, "latent": self.latent}
+
     def extra_state(self) -> dict[str, Any]:
-        cpu = lambda d: {n: t.detach().cpu().clone() for n, t in d.items()}  # noqa: E731
-        return {"Z": cpu(self.Z), "U": cpu(self.U), "latent": cpu(self.latent), "rho": self.rho, "phase": self._phase,
-                "last_update": self.last_update, "q": dict(self.q), "acc_after_hard_prune": self.acc_after_hard_prune}
+        return {"rho": self.rho, "last_update": self.last_update, "q": dict(self.q),
+                "acc_after_hard_prune": self.acc_after_hard_prune}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.Z, self.U, self.latent = dict(state["Z"]), dict(state["U"]), dict(state["latent"])
-        self.rho, self._phase, self.last_update = state["rho"], state["phase"], state["last_update"]
-        self.q, self.acc_after_hard_prune = dict(state["q"]), state["acc_after_hard_prune"]
+        self.rho, self.last_update, self.q = state["rho"], state["last_update"], dict(state["q"])
+        self.acc_after_hard_prune = state["acc_after_hard_prune"]
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "rho": self.rho0, "quantized": self.quant is not None}

@@ -27,7 +27,7 @@ class UnreachableCompressionError(ValueError):
 
 
 def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean keep-mask (same shape as ``scores``) that drops the ``k`` lowest scores."""
+    """Boolean keep-mask (same shape and device as ``scores``) that drops the ``k`` lowest scores."""
     flat = scores.flatten()
     keep = torch.ones_like(flat, dtype=torch.bool)
     if k > 0:
@@ -65,6 +65,7 @@ def allocate(
     nm = groups.parse_nm(granularity)
     if nm is not None:
         return _allocate_nm(weights, scores, sparsity, nm, layer_sparsity)
+    scores = {n: s.detach().to(weights[n].device) for n, s in scores.items()}
     sizes = {n: groups.group_size(weights[n], granularity) for n in scores}
     counts = {n: scores[n].numel() for n in scores}
     caps = {n: max(counts[n] - min_keep, 0) for n in scores}
@@ -84,7 +85,7 @@ def allocate(
     return {
         n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity) if n in scores else torch.ones_like(w, dtype=torch.bool)
         for n, w in weights.items()
-    }
+    }  # on each weight's device
 
 
 def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sparsity) -> dict[str, torch.Tensor]:
@@ -93,7 +94,7 @@ def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sp
     if layer_sparsity:
         raise ValueError(f"layer_sparsity does not apply to granularity '{n}:{m}' (its sparsity is fixed by N:M)")
     masks = {
-        name: groups.nm_mask(scores[name].reshape(w.shape), n, m, name) if name in scores
+        name: groups.nm_mask(scores[name].reshape(w.shape).to(w.device), n, m, name) if name in scores
         else torch.ones_like(w, dtype=torch.bool)
         for name, w in weights.items()
     }
@@ -110,7 +111,9 @@ def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sp
 
 
 def _global_counts(scores, sizes, caps, needed: int) -> dict[str, int]:
-    """Groups to prune per layer when ranking all layers' groups together, honouring per-layer caps."""
+    """Groups to prune per layer when ranking all layers' groups together, honouring per-layer caps (counted on
+    the CPU: the layers may live on different devices)."""
+    scores = {n: s.cpu() for n, s in scores.items()}
     fixed: dict[str, int] = {}
     while True:
         free = [n for n in scores if n not in fixed]

@@ -1,10 +1,25 @@
-"""PruningCallback: the contract every pruning method implements (DESIGN.md, "Contracts")."""
+"""PruningCallback: the contract every pruning method implements (the core's side of it).
+
+The core owns the Lightning hooks. A method says *what* it does through these methods, none of which is a Lightning
+hook (Torch-Pruning splits its pruners the same way: importance, regularizer, pruner):
+
+- :meth:`start` — once when training starts, fresh or resumed, with the method's state on the weights' device;
+- :meth:`before_batch` — its own events before a training batch while it is not :attr:`done` (default: follow the
+  schedule :meth:`targets`, a map step → target sparsity, re-allocating every layer at each entry);
+- :meth:`transient_masks` — masks that hold for this step only (dropped weights come back exactly after the step);
+- :meth:`regularize` — gradient-side terms, after backward, before the optimizer step and before gradient masking;
+- :meth:`after_step` — after the optimizer step and the core's re-masking;
+- :attr:`done` / :meth:`finalize` — whether pruning is over (masks fixed from then on), and how to reach the target
+  when training ends before it is.
+
+Per-layer state tensors (:meth:`layer_tensors`) follow the weights' device (and dtype when shaped like the weight)
+and are saved in every checkpoint, as CPU tensors, so checkpoints move between CPU and GPU.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-import numbers
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,22 +28,12 @@ from torch import nn
 
 from prunelab.pruning import groups
 from prunelab.pruning.allocate import SCOPES, allocate
+from prunelab.pruning.checks import check_compression
 from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
 from prunelab.pruning.schedules import compression_to_sparsity
 
 log = logging.getLogger(__name__)
-
-
-def check_compression(compression: Any) -> float:
-    """Return ``compression`` as a float, or raise naming the bad value (must be a finite number > 1)."""
-    if isinstance(compression, bool) or not isinstance(compression, numbers.Real):
-        raise ValueError(f"pruning.compression={compression!r} is not a number; give a ratio > 1, e.g. 8")
-    if not math.isfinite(compression) or compression <= 1:
-        raise ValueError(
-            f"pruning.compression={compression!r} must be a finite ratio > 1 "
-            "(prunable weights before / nonzero after; 8 keeps 1/8 of them)"
-        )
-    return float(compression)
+BASE_OPTIONS = ("granularity", "scope", "layers", "exclude", "layer_sparsity", "min_keep")
 
 
 def network_of(pl_module: nn.Module) -> nn.Module:
@@ -37,10 +42,7 @@ def network_of(pl_module: nn.Module) -> nn.Module:
 
 
 class PruningCallback(pl.Callback):
-    """Base class: masks, exact allocation, zero-keeping hooks and resumable state.
-
-    Subclasses decide *when* to prune (:meth:`targets`, a map step → target sparsity) and *what* to keep
-    (:meth:`group_scores`, default: group L2 norm); they may add a training-time term in their own hooks.
+    """Base class: masks, exact allocation, zero-keeping hooks, device-following and resumable state.
 
     Args:
         compression: requested ratio, prunable weights before / nonzero prunable weights after.
@@ -82,7 +84,7 @@ class PruningCallback(pl.Callback):
         self.min_keep = min_keep
         self.final_sparsity = compression_to_sparsity(self.compression)
         self.masks = MaskSet()
-        self.current_sparsity = 0.0  # last target applied
+        self.current_sparsity = 0.0  # last target applied by prune_to
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
 
@@ -120,12 +122,16 @@ class PruningCallback(pl.Callback):
         Returns the trial masks of that check (scores all equal), so subclasses can check what they imply.
         """
         self.bind(model)
-        weights = {n: m.weight for n, m in self.masks.modules.items()}
+        weights = self.weights()
         zeros = {n: torch.zeros(groups.group_shape(weights[n], self.granularity)) for n in self._eligible}
         trial = allocate(weights, zeros, self.final_sparsity, self.granularity, self.scope, self.min_keep,
                          self.layer_sparsity)
         self.masks = MaskSet()
         return trial
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The prunable weights by layer name."""
+        return {n: m.weight for n, m in self.masks.modules.items()}
 
     def group_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Importance of every group (low = pruned first). Default: L2 norm, RMS-normalised for structured global
@@ -133,21 +139,43 @@ class PruningCallback(pl.Callback):
         norms = groups.group_norms(weight, self.granularity)
         return norms / math.sqrt(groups.group_size(weight, self.granularity))
 
+    def allocation(self, sparsity: float, xs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Masks that keep the top groups of ``xs`` (default: the weights) by :meth:`group_scores` at ``sparsity``."""
+        weights = self.weights()
+        xs = weights if xs is None else xs
+        scores = {n: self.group_scores(n, xs[n]) for n in xs if n in self._eligible}
+        return allocate(weights, scores, sparsity, self.granularity, self.scope, self.min_keep,
+                        self._layer_targets(sparsity))
+
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         """Recompute masks for ``sparsity`` over the prunable weights and zero what they remove."""
         if groups.parse_nm(self.granularity):
             sparsity = self.final_sparsity  # an N:M mask has one sparsity: every scheduled update applies it
-        weights = {n: m.weight for n, m in self.masks.modules.items()}
-        scores = {n: self.group_scores(n, weights[n]) for n in weights if n in self._eligible}
-        new = allocate(weights, scores, sparsity, self.granularity, self.scope, self.min_keep, self._layer_targets(sparsity))
-        for name, mask in new.items():
+        for name, mask in self.allocation(sparsity).items():
             self.masks.set(name, mask)
         self.masks.apply()
         if trainer is not None:
             self.masks.mask_optimizer_state(trainer.optimizers)
         self.current_sparsity = sparsity
         log.debug("%s: pruned to sparsity %.4f (achieved %.4f)", self.method, sparsity, self.masks.sparsity())
+
+    @torch.no_grad()
+    def prune_groups(self, name: str, pruned: torch.Tensor, trainer: pl.Trainer | None = None) -> None:
+        """Prune the groups flagged in ``pruned`` (shaped as :func:`groups.group_shape`) of one layer, leaving every
+        other layer as it is: its weights, dependents and optimizer state are zeroed."""
+        weight = self.masks.modules[name].weight
+        keep = groups.expand(~pruned.to(weight.device), weight, self.granularity)
+        self.masks.set(name, self.masks.masks[name] & keep)
+        self.masks.apply([name])
+        if trainer is not None:
+            self.masks.mask_optimizer_state(trainer.optimizers, [name])
+
+    def layer_prune_counts(self) -> dict[str, int]:
+        """Groups to prune in each eligible layer for the final target, from the exact allocator on the current
+        weights (``global``: groups ranked across layers; ``layer``: one ratio; or the explicit table)."""
+        masks = self.allocation(self.final_sparsity)
+        return {n: int((~groups.group_mask_of(masks[n], self.granularity)).sum()) for n in sorted(self._eligible)}
 
     def _layer_targets(self, sparsity: float) -> dict[str, float] | None:
         """Per-layer targets scaled to the current step of the schedule (explicit per-layer tables only)."""
@@ -156,50 +184,122 @@ class PruningCallback(pl.Callback):
         scale = sparsity / self.final_sparsity
         return {n: f * scale for n, f in self.layer_sparsity.items()}
 
-    # ----------------------------------------------------------------- when to prune
+    # ----------------------------------------------------------------- what a method implements
     def targets(self, trainer: pl.Trainer) -> dict[int, float]:
         """Map global step → target sparsity at which masks are recomputed. Default: one shot at step 0."""
         return {0: self.final_sparsity}
 
-    # ----------------------------------------------------------------- Lightning hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.bind(network_of(pl_module))
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def start(self, trainer: pl.Trainer) -> None:
+        """Once when training starts (also on resume), state already on the weights' device. Default: schedule."""
         self._targets = self.targets(trainer)
-        self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The method's events before a training batch, while not :attr:`done`. Default: the schedule."""
         target = self._targets.get(trainer.global_step)
         if target is not None and target > self.current_sparsity:
             self.prune_to(target, trainer)
             pl_module.log("prune/target_sparsity", target, on_step=True, on_epoch=False)
 
+    def transient_masks(self, trainer: pl.Trainer) -> dict[str, torch.Tensor] | None:
+        """Keep-masks for this step only (layer name → bool, weight-shaped), or ``None``."""
+        return None
+
+    def regularize(self, trainer: pl.Trainer) -> None:
+        """Gradient-side terms: gradients are ready and not yet masked; the optimizer steps next."""
+
+    def after_step(self, trainer: pl.Trainer) -> None:
+        """After the optimizer step, transient weights restored and pruned weights re-zeroed."""
+
+    @property
+    def done(self) -> bool:
+        """Pruning is over: masks stay fixed from here (fine-tuning)."""
+        return self.current_sparsity >= self.final_sparsity
+
+    def finalize(self, trainer: pl.Trainer | None) -> None:
+        """Training ended before :attr:`done`: reach the target now. Default: prune every layer to it."""
+        self.prune_to(self.final_sparsity, trainer)
+
+    @property
+    def phase(self) -> str:
+        return "finetune" if self.done else "prune"
+
+    # ----------------------------------------------------------------- device
+    def follow(self) -> None:
+        """Move masks and :meth:`layer_tensors` to their layer's weight device; tensors shaped like the weight also
+        take its dtype (per-group accumulators keep theirs)."""
+        self.masks.follow()
+        for tensors in self.layer_tensors().values():
+            for name, t in list(tensors.items()):
+                weight = self.masks.modules[name].weight
+                dtype = weight.dtype if t.is_floating_point() and t.shape == weight.shape else t.dtype
+                if t.device != weight.device or t.dtype != dtype:
+                    tensors[name] = t.to(device=weight.device, dtype=dtype)
+
+    # ----------------------------------------------------------------- Lightning hooks (the core's)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.bind(network_of(pl_module))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.follow()
+        self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
+        self.start(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.follow()
+        if not self.done:
+            self.before_batch(trainer, pl_module)
+        keep = self.transient_masks(trainer)
+        if keep:
+            self.masks.drop(keep)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.regularize(trainer)
         self.masks.mask_grads()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.masks.restore()
         self.masks.apply()
+        self.after_step(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("train/sparsity", self.masks.sparsity())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.current_sparsity < self.final_sparsity:
-            log.warning(
-                "%s: training ended at sparsity %.4f before the schedule reached %.4f; pruning to the target now "
-                "(no fine-tuning after this step)", self.method, self.current_sparsity, self.final_sparsity,
-            )
-            self.prune_to(self.final_sparsity)
+        self.masks.restore()
+        if not self.done:
+            log.warning("%s: training ended before pruning was done; finishing it now (no fine-tuning after this)",
+                        self.method)
+            self.finalize(trainer)
+
+    # ----------------------------------------------------------------- helpers for methods
+    @torch.no_grad()
+    def val_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """Accuracy (fraction) on the validation set now, without touching the training run's random stream."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        rng, was_training = torch.get_rng_state(), pl_module.training
+        pl_module.eval()
+        precision = trainer.precision_plugin  # the run's input dtype and autocast, as in Lightning's own loops
+        correct = total = 0
+        for x, y in datamodule.val_dataloader():
+            x, y = precision.convert_input(x.to(pl_module.device)), y.to(pl_module.device)
+            with precision.val_step_context():
+                correct += int((pl_module(x).argmax(1) == y).sum())
+            total += y.numel()
+        pl_module.train(was_training)
+        torch.set_rng_state(rng)
+        return correct / max(total, 1)
 
     # ----------------------------------------------------------------- state
-    @property
-    def phase(self) -> str:
-        return "finetune" if self.current_sparsity >= self.final_sparsity else "prune"
+    def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-layer tensors of the method by kind (e.g. ``{"Z": {layer: tensor}}``): kept on the weights' device
+        and saved in checkpoints. Subclasses extend."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
-        """Method-specific state (Z/U, λ, probabilities, RNG …); subclasses extend."""
+        """Method-specific state other than :meth:`layer_tensors` (scalars, RNG state, …); subclasses extend."""
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -210,13 +310,21 @@ class PruningCallback(pl.Callback):
             "masks": self.masks.state_dict(),
             "current_sparsity": self.current_sparsity,
             "phase": self.phase,
+            "tensors": {kind: {n: t.detach().cpu().clone() for n, t in d.items()}
+                        for kind, d in self.layer_tensors().items()},
             "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks.load_state_dict(state_dict["masks"])
         self.current_sparsity = state_dict["current_sparsity"]
+        saved = state_dict.get("tensors", {})
+        for kind, tensors in self.layer_tensors().items():
+            tensors.clear()
+            tensors.update(saved.get(kind, {}))
         self.load_extra_state(state_dict.get("extra", {}))
+        if self.masks.modules:
+            self.follow()
 
     def describe(self) -> dict[str, Any]:
         """What the method is, for MLflow params."""

@@ -74,17 +74,22 @@ def filter_dependents(model: nn.Module, modules: dict[str, nn.Module]) -> dict[s
 class MaskSet:
     """Boolean masks over the ``weight`` of named modules, plus their *dependents*.
 
-    Masks are kept as bool tensors on the weight's device. ``apply`` zeroes pruned weights in place, ``mask_grads``
-    zeroes their gradients and ``mask_optimizer_state`` their optimizer buffers (momentum, Adam moments), so that no
-    optimizer step can move a pruned weight away from zero. Dependents (see :func:`filter_dependents`) are 1-D
-    parameters masked alike by their layer's filter mask, a filter being alive when any of its weights is; that mask
-    is derived from the weight mask, so it is neither stored nor counted in the sparsity.
+    Masks are kept as bool tensors on the weight's device (:meth:`follow` moves them when the model moves).
+    ``apply`` zeroes pruned weights in place, ``mask_grads`` zeroes their gradients and ``mask_optimizer_state`` their
+    optimizer buffers (momentum, Adam moments), so that no optimizer step can move a pruned weight away from zero.
+    Dependents (see :func:`filter_dependents`) are 1-D parameters masked alike by their layer's filter mask, a filter
+    being alive when any of its weights is; that mask is derived from the weight mask, so it is neither stored nor
+    counted in the sparsity.
+
+    *Transient* masks (:meth:`drop`, :meth:`restore`) hold for one training step only: the weights they drop are
+    zeroed before the forward, their gradients masked, and their values put back bit for bit after the step.
     """
 
     def __init__(self) -> None:
         self.modules: dict[str, nn.Module] = {}
         self.masks: dict[str, torch.Tensor] = {}
         self.dependents: dict[str, list[Dependent]] = {}
+        self.transient: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (keep mask, weight before drop)
 
     def bind(self, modules: dict[str, nn.Module], dependents: dict[str, list[Dependent]] | None = None) -> None:
         """Attach to the modules to prune (and the dependents of their filters); keeps masks already loaded for the
@@ -113,20 +118,26 @@ class MaskSet:
     def set(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask.to(dtype=torch.bool, device=self.modules[name].weight.device)
 
-    def _masked(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(parameter, mask) for every masked weight and every dependent."""
+    def follow(self) -> None:
+        """Move every mask to its weight's device (the model may have moved since the masks were made)."""
         for name, module in self.modules.items():
+            if self.masks[name].device != module.weight.device:
+                self.masks[name] = self.masks[name].to(module.weight.device)
+
+    def _masked(self, names: Iterable[str] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, mask) for every masked weight and every dependent (of the layers ``names``; default all)."""
+        for name in self.modules if names is None else names:
             mask = self.masks[name]
-            yield module.weight, mask
+            yield self.modules[name].weight, mask
             if name in self.dependents:
                 alive = mask.reshape(mask.shape[0], -1).any(dim=1)
                 for owner, param in self.dependents[name]:
                     yield getattr(owner, param), alive
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """Zero every pruned weight (and dependent)."""
-        for param, mask in self._masked():
+    def apply(self, names: Iterable[str] | None = None) -> None:
+        """Zero every pruned weight (and dependent) of the layers ``names`` (default: all)."""
+        for param, mask in self._masked(names):
             param.mul_(mask)
 
     @torch.no_grad()
@@ -134,15 +145,38 @@ class MaskSet:
         for param, mask in self._masked():
             if param.grad is not None:
                 param.grad.mul_(mask)
+        for name, (keep, _) in self.transient.items():
+            grad = self.modules[name].weight.grad
+            if grad is not None:
+                grad.mul_(keep)
 
     @torch.no_grad()
-    def mask_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    def mask_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None) -> None:
         """Zero optimizer buffers (momentum, exp_avg, exp_avg_sq, …) shaped like a masked parameter."""
+        names = None if names is None else list(names)
         for optimizer in optimizers:
-            for param, mask in self._masked():
+            for param, mask in self._masked(names):
                 for value in optimizer.state.get(param, {}).values():
                     if torch.is_tensor(value) and value.shape == param.shape:
                         value.mul_(mask)
+
+    @torch.no_grad()
+    def drop(self, keep: dict[str, torch.Tensor]) -> None:
+        """Zero, for one step, the weights outside ``keep`` (layer name → bool mask shaped like the weight)."""
+        self.restore()
+        for name, mask in keep.items():
+            weight = self.modules[name].weight
+            mask = mask.to(device=weight.device, dtype=torch.bool)
+            self.transient[name] = (mask, weight.detach().clone())
+            weight.mul_(mask)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back, bit for bit, the weights the transient masks dropped (pruned ones stay zero)."""
+        for name, (keep, before) in self.transient.items():
+            weight = self.modules[name].weight
+            weight.copy_(torch.where(keep, weight, before * self.masks[name]))
+        self.transient = {}
 
     def counts(self) -> tuple[int, int]:
         """(total, nonzero) over the prunable weights, counted from the weights themselves."""
