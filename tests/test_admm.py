@@ -169,7 +169,7 @@ def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):
         assert torch.equal(quantize(w, q, levels), w)
     size = pruning.stored_bytes(tmp_path / "model.plq")
     state = load_quantized(tmp_path / "model.plq")
-    net = pruning._net
+    net = pruning.net
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert size < save_sparse(net, tmp_path / "generic.npz", list(pruning.masks.modules)) / 3
 

@@ -66,7 +66,7 @@ def build(cfg: DictConfig) -> Parts:
         pruning = _instantiate(cfg.pruning)
         if not isinstance(pruning, PruningCallback):
             raise TypeError(f"pruning._target_={cfg.pruning._target_} is not a PruningCallback")
-        pruning.validate(net)
+        pruning.validate(net, torch.zeros(1, shape["in_channels"], shape["image_size"], shape["image_size"]))
     elif float(cfg.pruning.compression) != 1.0:
         raise ValueError(f"pruning=none runs the dense model; pruning.compression={cfg.pruning.compression} must be 1")
     return Parts(datamodule, net, dense_net, pruning)

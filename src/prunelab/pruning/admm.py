@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from prunelab.pruning.base import BASE_OPTIONS, PruningCallback, network_of
+from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, scan_step
 
@@ -69,7 +69,6 @@ class ADMMPruning(PruningCallback):
         self.latent: dict[str, torch.Tensor] = {}  # float weights behind the quantized ones while retraining
         self.acc_after_hard_prune: float | None = None
         self.hard_prune_step, self.period = 0, 1
-        self._net: torch.nn.Module | None = None
         self._stepped = False  # the optimizer stepped the float copy: snap to the levels after the step
 
     # ----------------------------------------------------------------- projection Π (and Q for ADMM-NN)
@@ -78,9 +77,9 @@ class ADMMPruning(PruningCallback):
         if self.quant is not None:
             self.quant.check_layers(list(self.masks.modules))
 
-    def validate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def validate(self, model: torch.nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Base checks, plus: a per-layer table must give the requested compression (within 2 %)."""
-        trial = super().validate(model)
+        trial = super().validate(model, example_input)
         if self.layer_sparsity:
             implied = sum(m.numel() for m in trial.values()) / max(sum(int(m.sum()) for m in trial.values()), 1)
             if abs(implied - self.compression) / self.compression > 0.02:
@@ -163,10 +162,6 @@ class ADMMPruning(PruningCallback):
         self.Z, self.U = {}, {}
 
     # ----------------------------------------------------------------- the core's method hooks
-    def setup(self, trainer, pl_module, stage) -> None:
-        super().setup(trainer, pl_module, stage)
-        self._net = network_of(pl_module)
-
     def start(self, trainer: pl.Trainer) -> None:
         self._schedule(trainer)
         if not self.done and not self.Z:
@@ -216,9 +211,9 @@ class ADMMPruning(PruningCallback):
     def stored_bytes(self, path: str | os.PathLike) -> int | None:
         """Write the quantized stored form of the fitted network to ``path`` and return its size in bytes;
         ``None`` when not quantizing (the generic bitmask + float32 form applies)."""
-        if self.quant is None or self._net is None or not self.done:
+        if self.quant is None or self.net is None or not self.done:
             return None
-        return save_quantized(self._net, path, {n: (self.q[n], self.quant.levels(n)) for n in self.masks.modules})
+        return save_quantized(self.net, path, {n: (self.q[n], self.quant.levels(n)) for n in self.masks.modules})
 
     def layer_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         return {"Z": self.Z, "U": self.U, "latent": self.latent}

@@ -43,8 +43,11 @@ def allocate(
     scope: str = "global",
     min_keep: int = 1,
     layer_sparsity: dict[str, float] | None = None,
+    *,
+    min_keep_fraction: float = 0.0,
+    round_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Masks (shaped like each weight) that zero the lowest-scoring groups.
+    """Masks (shaped like each weight, on its device) that zero the lowest-scoring groups.
 
     Args:
         weights: prunable weight per layer name (only shapes are read).
@@ -54,8 +57,13 @@ def allocate(
         scope: ``global`` ranks groups of all layers together (scores must be comparable across layers);
             ``layer`` prunes every eligible layer at the same ratio, chosen so the total hits the target.
         min_keep: groups every layer keeps.
-        layer_sparsity: explicit per-layer fraction of zeros (overrides ``sparsity``/``scope``), as ADMM's
-            per-layer tables.
+        layer_sparsity: explicit per-layer fraction of zeros (overrides ``sparsity``/``scope``, and
+            ``min_keep_fraction``), as ADMM's per-layer tables.
+        min_keep_fraction: share of its groups a layer keeps at least (rounded up), so that a small layer does not
+            collapse: floors are granted smallest layer first while they take at most half of the weights kept
+            (:func:`fraction_floors`), so they never make a ratio unreachable.
+        round_to: kept groups of every pruned layer are a multiple of this (``filter``/``channel``: channel counts
+            that GPU kernels like), the total still as close to the target as whole multiples allow.
 
     Raises:
         UnreachableCompressionError: the target needs more zeros than the eligible layers can give.
@@ -68,24 +76,53 @@ def allocate(
     scores = {n: s.detach().to(weights[n].device) for n, s in scores.items()}
     sizes = {n: groups.group_size(weights[n], granularity) for n in scores}
     counts = {n: scores[n].numel() for n in scores}
-    caps = {n: max(counts[n] - min_keep, 0) for n in scores}
+    total = sum(w.numel() for w in weights.values())
+    fractions = {} if layer_sparsity is not None else fraction_floors(
+        {n: counts[n] * sizes[n] for n in scores}, min_keep_fraction, total - round(sparsity * total))
+    caps = {n: counts[n] - keep_floor(counts[n], min_keep, fractions.get(n, 0.0), round_to) for n in scores}
     if layer_sparsity is not None:
         k = {n: min(round(layer_sparsity.get(n, 0.0) * counts[n]), caps[n]) for n in scores}
+        needed = sum(k[n] * sizes[n] for n in scores)
     else:
-        total = sum(w.numel() for w in weights.values())
         needed = round(sparsity * total)
         available = sum(caps[n] * sizes[n] for n in scores)
         if needed > available:
             reachable = total / max(total - available, 1)
             raise UnreachableCompressionError(
-                f"sparsity {sparsity:.4f} needs {needed} zeros but granularity {granularity!r} can zero at most "
-                f"{available} of {total} prunable weights (max compression ≈ {reachable:.1f}×, min_keep={min_keep})"
+                f"pruning.compression={1 / max(1 - sparsity, 1e-300):.4g} cannot be reached: it needs {needed} zeros "
+                f"but granularity {granularity!r} can zero at most {available} of {total} prunable weights while "
+                f"every layer keeps its floor (max compression ≈ {reachable:.2f}×; pruning.min_keep={min_keep}, "
+                f"pruning.min_keep_fraction={min_keep_fraction:g}" + (f", pruning.round_to={round_to}" if round_to else "")
+                + ")"
             )
         k = _global_counts(scores, sizes, caps, needed) if scope == "global" else _uniform_counts(counts, sizes, caps, needed)
+    if round_to:
+        k = _round_counts(k, scores, counts, sizes, caps, needed, round_to)
     return {
         n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity) if n in scores else torch.ones_like(w, dtype=torch.bool)
         for n, w in weights.items()
-    }  # on each weight's device
+    }
+
+
+def fraction_floors(layer_weights: dict[str, int], fraction: float, kept: int) -> dict[str, float]:
+    """The layers granted the keep floor ``fraction``: smallest first, while the floors together take at most half
+    of the ``kept`` weights (a large layer's floor would eat the budget, and the ranking serves it anyway)."""
+    granted, used = {}, 0.0
+    for name in sorted(layer_weights, key=lambda n: (layer_weights[n], n)):
+        need = math.ceil(fraction * layer_weights[name])
+        if used + need > kept / 2:
+            break
+        granted[name], used = fraction, used + need
+    return granted
+
+
+def keep_floor(count: int, min_keep: int = 1, min_keep_fraction: float = 0.0, round_to: int | None = None) -> int:
+    """Groups a layer of ``count`` groups keeps at least: ``min_keep``, ``min_keep_fraction`` of them (rounded up),
+    rounded up to a multiple of ``round_to``; never more than the layer has."""
+    floor = max(min_keep, math.ceil(min_keep_fraction * count - 1e-9))
+    if round_to:
+        floor = -(-floor // round_to) * round_to
+    return min(count, floor)
 
 
 def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sparsity) -> dict[str, torch.Tensor]:
@@ -156,3 +193,32 @@ def _uniform_counts(counts, sizes, caps, needed: int) -> dict[str, int]:
             hi = mid
     below, above = at(lo), at(hi)
     return below if abs(zeros(below) - needed) < abs(zeros(above) - needed) else above
+
+
+def _round_counts(k, scores, counts, sizes, caps, needed: int, step: int) -> dict[str, int]:
+    """Groups to prune per layer with every layer's kept count a multiple of ``step`` (or the whole layer when it
+    has fewer groups), then whole-``step`` moves, cheapest first by the scores they add or remove, while they bring
+    the total closer to ``needed``."""
+    k = dict(k)
+    for n in k:
+        if counts[n] > step:
+            kept = max(round((counts[n] - k[n]) / step) * step, counts[n] - caps[n])
+            k[n] = min(counts[n] - kept, caps[n])
+    ranked = {n: torch.sort(scores[n].flatten().double().cpu(), stable=True).values for n in k}
+    zeros = sum(k[n] * sizes[n] for n in k)
+    while True:
+        more = zeros < needed
+        moves = []
+        for n in k:
+            lo, hi = (k[n], k[n] + step) if more else (k[n] - step, k[n])
+            if counts[n] > step and lo >= 0 and hi <= caps[n]:
+                cost = float(ranked[n][lo:hi].mean())
+                moves.append((cost if more else -cost, n))
+        if not moves:
+            return k
+        _, n = min(moves)
+        after = zeros + (step if more else -step) * sizes[n]
+        if abs(after - needed) >= abs(zeros - needed):
+            return k
+        k[n] += step if more else -step
+        zeros = after

@@ -26,14 +26,16 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from prunelab.pruning import groups
-from prunelab.pruning.allocate import SCOPES, allocate
-from prunelab.pruning.checks import check_compression
+from prunelab.pruning import groups, macs_target
+from prunelab.pruning.allocate import SCOPES, allocate, keep_floor
+from prunelab.pruning.checks import check_choice, check_compression, check_int, check_number
 from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
 from prunelab.pruning.schedules import compression_to_sparsity
 
 log = logging.getLogger(__name__)
-BASE_OPTIONS = ("granularity", "scope", "layers", "exclude", "layer_sparsity", "min_keep")
+BASE_OPTIONS = ("granularity", "scope", "layers", "exclude", "layer_sparsity", "min_keep", "min_keep_fraction",
+                "round_to", "target")
+ROUND_TO_AUTO = 8  # ``round_to: auto`` on a CUDA device (tensor-core friendly channel counts); off on the CPU
 
 
 def network_of(pl_module: nn.Module) -> nn.Module:
@@ -52,6 +54,11 @@ class PruningCallback(pl.Callback):
         exclude: module names to keep dense.
         layer_sparsity: explicit fraction of zeros per layer name (overrides ``compression`` for the allocation).
         min_keep: groups every layer keeps, so no layer is emptied.
+        min_keep_fraction: share of its groups every layer keeps (not applied to an explicit ``layer_sparsity``).
+        round_to: ``filter``/``channel``: kept groups per layer a multiple of this; ``auto`` = 8 when training on
+            CUDA, off on the CPU; ``None`` off.
+        target: ``params`` (compression counts prunable weights) or ``macs`` (``filter``/``channel``: compression
+            = dense MACs / MACs of the compacted model, found by searching the global threshold).
     """
 
     method = "base"
@@ -66,14 +73,35 @@ class PruningCallback(pl.Callback):
         exclude: list[str] | None = None,
         layer_sparsity: dict[str, float] | None = None,
         min_keep: int = 1,
+        min_keep_fraction: float = 0.0,
+        round_to: int | str | None = None,
+        target: str = "params",
     ) -> None:
         super().__init__()
         self.compression = check_compression(compression)
         self.granularity = groups.check_granularity(granularity)
         if scope not in SCOPES:
             raise ValueError(f"pruning.scope={scope!r} is not one of: {', '.join(SCOPES)}")
-        if not isinstance(min_keep, int) or min_keep < 1:
-            raise ValueError(f"pruning.min_keep={min_keep!r} must be an integer ≥ 1")
+        check_int("min_keep", min_keep)
+        self.min_keep_fraction = check_number("min_keep_fraction", min_keep_fraction, 0.0, 1.0, low_open=False,
+                                              high_open=True)
+        self.target = check_choice("target", target, macs_target.TARGETS)
+        structured = self.granularity in macs_target.MACS_GRANULARITIES
+        if self.target == "macs" and not structured:
+            kinds = ", ".join(macs_target.MACS_GRANULARITIES)
+            raise ValueError(f"pruning.target=macs needs a granularity that removes channels ({kinds}), not "
+                             f"pruning.granularity={granularity!r}: other zeros leave the layers' MACs as they are")
+        if round_to == "auto":
+            self.round_to_auto = structured
+            round_to = None
+        else:
+            self.round_to_auto = False
+            if round_to is not None:
+                check_int("round_to", round_to)
+                if not structured:
+                    raise ValueError(f"pruning.round_to={round_to!r} rounds channel counts: it needs granularity "
+                                     f"filter or channel, not {granularity!r}")
+        self.round_to: int | None = round_to
         for name, frac in (layer_sparsity or {}).items():
             if not 0.0 <= float(frac) < 1.0:
                 raise ValueError(f"pruning.layer_sparsity.{name}={frac!r} must be in [0, 1)")
@@ -85,6 +113,10 @@ class PruningCallback(pl.Callback):
         self.final_sparsity = compression_to_sparsity(self.compression)
         self.masks = MaskSet()
         self.current_sparsity = 0.0  # last target applied by prune_to
+        self.net: nn.Module | None = None
+        self.example_input: torch.Tensor | None = None  # one input, for target=macs
+        self.macs_reduction: float | None = None  # reached by the last calibration (target=macs)
+        self._calibrated = False
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
 
@@ -104,6 +136,7 @@ class PruningCallback(pl.Callback):
 
     def bind(self, model: nn.Module) -> None:
         """Resolve the layers of ``model`` to prune and attach the masks (validates layer names)."""
+        self.net = model
         modules = prunable_layers(model, self.layers, self.exclude)
         all_layers = list(prunable_layers(model))
         self._eligible = {n for n in modules if self.eligible(n, all_layers.index(n), len(all_layers))}
@@ -116,16 +149,27 @@ class PruningCallback(pl.Callback):
             if unknown:
                 raise ValueError(f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}")
 
-    def validate(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Check, before any training, that the layers exist and the target is reachable at this granularity.
+    def validate(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Check, before any training, that the layers exist and the target is reachable at this granularity
+        (``target=macs``: on ``example_input``).
 
         Returns the trial masks of that check (scores all equal), so subclasses can check what they imply.
         """
+        if self.round_to_auto:
+            self.round_to = ROUND_TO_AUTO if torch.cuda.is_available() else None
         self.bind(model)
         weights = self.weights()
         zeros = {n: torch.zeros(groups.group_shape(weights[n], self.granularity)) for n in self._eligible}
-        trial = allocate(weights, zeros, self.final_sparsity, self.granularity, self.scope, self.min_keep,
-                         self.layer_sparsity)
+        sparsity = self.final_sparsity
+        if self.target == "macs":
+            if example_input is None:
+                raise ValueError("pruning.target=macs needs an example input to count MACs")
+            if self.layer_sparsity:
+                raise ValueError("pruning.target=macs searches the per-layer ratios itself: drop pruning.layer_sparsity")
+            self.example_input = example_input
+            sparsity, _ = self.search_macs(scores=zeros, steps=0)  # reachable at all?
+        trial = allocate(weights, zeros, sparsity, self.granularity, self.scope, self.min_keep,
+                         self.layer_sparsity, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
         self.masks = MaskSet()
         return trial
 
@@ -139,19 +183,62 @@ class PruningCallback(pl.Callback):
         norms = groups.group_norms(weight, self.granularity)
         return norms / math.sqrt(groups.group_size(weight, self.granularity))
 
-    def allocation(self, sparsity: float, xs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Masks that keep the top groups of ``xs`` (default: the weights) by :meth:`group_scores` at ``sparsity``."""
+    def allocation(self, sparsity: float, xs: dict[str, torch.Tensor] | None = None,
+                   scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Masks that keep the top groups of ``xs`` (default: the weights) by :meth:`group_scores` (or the given
+        ``scores``) at ``sparsity``."""
         weights = self.weights()
         xs = weights if xs is None else xs
-        scores = {n: self.group_scores(n, xs[n]) for n in xs if n in self._eligible}
+        if scores is None:
+            scores = {n: self.group_scores(n, xs[n]) for n in xs if n in self._eligible}
         return allocate(weights, scores, sparsity, self.granularity, self.scope, self.min_keep,
-                        self._layer_targets(sparsity))
+                        self._layer_targets(sparsity), min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
+
+    def max_sparsity(self) -> float:
+        """The largest sparsity the allocation accepts: every eligible layer at its floor (``min_keep_fraction``
+        floors vanish as the kept budget does)."""
+        weights = self.weights()
+        total = sum(w.numel() for w in weights.values())
+        zeros = 0
+        for n in self._eligible:
+            count = math.prod(groups.group_shape(weights[n], self.granularity))
+            floor = keep_floor(count, self.min_keep, 0.0, self.round_to)
+            zeros += (count - floor) * groups.group_size(weights[n], self.granularity)
+        return zeros / total
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """``target=macs``: set :attr:`final_sparsity` to the parameter sparsity whose compacted masks cut MACs by
+        :attr:`compression` on the current weights' ranking."""
+        self.final_sparsity, self.macs_reduction = self.search_macs()
+        log.info("%s: %.2fx fewer MACs at parameter sparsity %.4f", self.method, self.macs_reduction,
+                 self.final_sparsity)
+
+    @torch.no_grad()
+    def search_macs(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None) -> tuple[float, float]:
+        """(parameter sparsity, MACs reduction) closest to :attr:`compression` in MACs, ranking groups by the weights
+        (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one group)."""
+        example = self.example_input
+        dense = macs_target.count_macs(self.net, example)
+        if steps is None:  # resolve one group of the ranking
+            groups_total = sum(math.prod(groups.group_shape(m, self.granularity)) for m in self.weights().values())
+            steps = math.ceil(math.log2(groups_total)) + 2
+
+        def macs_at(sparsity: float) -> int:
+            masks = self.allocation(sparsity, scores=scores)
+            return macs_target.compacted_macs(self.net, masks, self.masks.dependents, example)
+
+        return macs_target.sparsity_for_macs(macs_at, dense, self.compression, self.max_sparsity(), steps)
 
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:
-        """Recompute masks for ``sparsity`` over the prunable weights and zero what they remove."""
+        """Recompute masks for ``sparsity`` over the prunable weights and zero what they remove (the final target
+        under ``target=macs`` is searched again on the current ranking, so the MACs ratio holds exactly)."""
         if groups.parse_nm(self.granularity):
             sparsity = self.final_sparsity  # an N:M mask has one sparsity: every scheduled update applies it
+        elif self.target == "macs" and sparsity >= self.final_sparsity:
+            self.calibrate()
+            sparsity = self.final_sparsity
         for name, mask in self.allocation(sparsity).items():
             self.masks.set(name, mask)
         self.masks.apply()
@@ -237,12 +324,23 @@ class PruningCallback(pl.Callback):
 
     # ----------------------------------------------------------------- Lightning hooks (the core's)
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.bind(network_of(pl_module))
+        if stage != "fit":
+            return
+        if self.round_to_auto:
+            self.round_to = ROUND_TO_AUTO if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else None
+        self.bind(network_of(pl_module))
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.target == "macs" and self.example_input is None and datamodule is not None:
+            shape = (1, datamodule.num_channels, datamodule.image_size, datamodule.image_size)
+            self.example_input = torch.zeros(shape)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.follow()
         self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
+        if self.target == "macs" and not self._calibrated:  # once per run: a resumed run keeps its schedule
+            self.example_input = self.example_input.to(pl_module.device)
+            self.calibrate()
+            self._calibrated = True
         self.start(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -309,6 +407,8 @@ class PruningCallback(pl.Callback):
         return {
             "masks": self.masks.state_dict(),
             "current_sparsity": self.current_sparsity,
+            "final_sparsity": self.final_sparsity,
+            "calibrated": self._calibrated,
             "phase": self.phase,
             "tensors": {kind: {n: t.detach().cpu().clone() for n, t in d.items()}
                         for kind, d in self.layer_tensors().items()},
@@ -318,6 +418,8 @@ class PruningCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.masks.load_state_dict(state_dict["masks"])
         self.current_sparsity = state_dict["current_sparsity"]
+        self.final_sparsity = state_dict.get("final_sparsity", self.final_sparsity)
+        self._calibrated = state_dict.get("calibrated", False)
         saved = state_dict.get("tensors", {})
         for kind, tensors in self.layer_tensors().items():
             tensors.clear()
@@ -332,5 +434,7 @@ class PruningCallback(pl.Callback):
             "method": self.method,
             "granularity": self.granularity,
             "scope": self.scope,
+            "target": self.target,
+            "round_to": self.round_to,
             "changes_architecture": self.changes_architecture,
         }
