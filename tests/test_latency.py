@@ -15,7 +15,7 @@ from prunelab.measure.latency import cpu_latency, is_2to4, measure_latency
 from prunelab.measure.semi_structured import SparseConv1x1, choose_backend, eligibility, semi_structured_latency
 from prunelab.models import MLP, LeNet5, LeNet300
 from prunelab.train import train
-from tests.conftest import runs_in
+from conftest import runs_in
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
