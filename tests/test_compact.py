@@ -154,7 +154,7 @@ def test_measure_reports_compacted_size(tmp_path):
     with torch.no_grad():
         pruned.conv2.weight[::2] = 0
         pruned.fc1.weight[::2] = 0
-    metrics, rows = measure(pruned, dense, ["conv1", "conv2", "fc1", "fc2"], torch.zeros(1, 1, 28, 28), tmp_path)
+    metrics, rows, _ = measure(pruned, dense, ["conv1", "conv2", "fc1", "fc2"], torch.zeros(1, 1, 28, 28), tmp_path)
     for key in ("sparsity", "compression", "params", "params_nonzero", "macs", "dense_macs", "macs_reduction",
                 "bytes_dense", "bytes_stored", "storage_compression", "compaction_max_abs_diff"):
         assert key in metrics

@@ -9,7 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from prunelab.models import MODELS, VGG, LeNet5, LeNet5Classic, ResNet, build_model
+from prunelab.models import MLP, MODELS, VGG, LeNet5, LeNet5Classic, ResNet, build_model
 from prunelab.models.vgg import CFGS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
@@ -64,6 +64,20 @@ def test_param_counts_cifar(name: str, expected: int) -> None:
         formula = _vgg_cifar10_params(CFGS[int(name.removeprefix("vgg"))])
     assert formula == expected
     assert n_params(MODELS[name](in_channels=3, image_size=32, num_classes=10)) == expected
+
+
+def test_mlp_wide_shapes() -> None:
+    # 1×8×8 digits: (64·1024 + 1024) + (1024·1024 + 1024) + (1024·10 + 10)
+    assert n_params(MODELS["mlp_wide"](image_size=8)) == 1_126_410
+    model = MLP(in_channels=3, image_size=4, num_classes=7, hidden=(64, 128, 32))
+    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert shapes == [(48, 64), (64, 128), (128, 32), (32, 7)]
+    assert [name for name, _ in model.named_children()] == ["fc1", "fc2", "fc3", "fc4"]
+    assert model(torch.randn(5, 3, 4, 4)).shape == (5, 7)
+    with pytest.raises(ValueError, match=r"hidden\[1\].*0"):
+        MLP(hidden=(64, 0))
+    with pytest.raises(ValueError, match="hidden"):
+        MLP(hidden=())
 
 
 def test_resnet_option_a_equivalent_count() -> None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from prunelab.dense import dense_baseline
-from prunelab.measure import LATENCY_FILE, format_table, measure
+from prunelab.measure import LATENCY_FILE, check_options, format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.pruning import PruningCallback
 from prunelab.tracking import sweep
@@ -55,6 +55,7 @@ def build(cfg: DictConfig) -> Parts:
     """Instantiate and check everything a run needs; raises on bad input before any training or MLflow run."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    check_options(OmegaConf.to_container(cfg.measure, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)  # the seed decides the dense model's initial weights too
     datamodule = _instantiate(cfg.data)
     datamodule.prepare_data()  # a missing downloadable dataset fails here, naming its folder and the flag
@@ -88,8 +89,9 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
 def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor) -> dict[str, float]:
     """Measure the pruned model against the dense one and log the per-layer table, latency samples and model."""
     with tempfile.TemporaryDirectory() as tmp:
-        metrics, rows = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
-                                **OmegaConf.to_container(cfg.measure, resolve=True))
+        metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
+                                                **OmegaConf.to_container(cfg.measure, resolve=True))
+        mlflow.log_params(latency_params)  # timing device, GPU mode/dtype/channels_last, 2:4 backend
         mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
         stored = getattr(parts.pruning, "stored_bytes", None)
         quantized = stored(Path(tmp) / "model_quantized.npz") if stored else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import numbers
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prunelab.measure.compact import CompactionError, CompactResult, compact
-from prunelab.measure.latency import measure_latency
+from prunelab.measure.latency import check_latency_options, measure_latency
 from prunelab.measure.sparsity import format_table, layer_table, sparsity_metrics
 from prunelab.measure.storage import save_dense, save_sparse
 
@@ -43,9 +45,13 @@ def measure(
     threads: int | None = None,
     min_run_time: float = 0.1,
     gpu: bool = True,
+    gpu_batch_sizes: Sequence[int] = (1, 64, 256),
+    gpu_mode: str = "graph",
+    gpu_dtype: str = "float32",
+    channels_last: bool = False,
     atol: float = 1e-4,
-) -> tuple[dict[str, float], list[dict]]:
-    """Final metrics (DESIGN.md names) and the per-layer sparsity table.
+) -> tuple[dict[str, float], list[dict], dict[str, str]]:
+    """Final metrics (DESIGN.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
     ``sparsity``/``compression`` are counted on the masked model; ``params``, ``params_nonzero`` and ``macs`` on its
     compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
@@ -53,6 +59,10 @@ def measure(
     ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
     are the ``measure:`` block of ``conf/train.yaml`` (see :func:`prunelab.measure.latency.measure_latency`).
     """
+    check_options({"batch_sizes": batch_sizes, "blocks": blocks, "threads": threads, "min_run_time": min_run_time,
+                   "gpu": gpu, "gpu_batch_sizes": gpu_batch_sizes, "gpu_mode": gpu_mode, "gpu_dtype": gpu_dtype,
+                   "channels_last": channels_last, "latency": latency, "atol": atol})
+    params: dict[str, str] = {}
     metrics = sparsity_metrics(pruned, prunable)
     rows = layer_table(pruned, prunable)
     modes = pruned.training, dense.training
@@ -76,17 +86,35 @@ def measure(
             metrics["bytes_stored"] = float(save_sparse(pruned, folder / "model_sparse.npz", prunable))
             if latency:
                 timed = measure_latency(dense, compacted, example_input, list(batch_sizes), int(blocks), threads,
-                                        float(min_run_time), bool(gpu))
+                                        float(min_run_time), bool(gpu), gpu_batch_sizes=list(gpu_batch_sizes),
+                                        gpu_mode=gpu_mode, gpu_dtype=gpu_dtype, channels_last=channels_last,
+                                        masked=pruned)
                 metrics.update(timed.metrics)
+                params.update(timed.params)
                 (folder / LATENCY_FILE).write_text(json.dumps(timed.samples))
     finally:
         pruned.train(modes[0])
         dense.train(modes[1])
     metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
-    return metrics, rows
+    return metrics, rows, params
+
+
+def check_options(options: Mapping) -> None:
+    """Check the ``measure:`` config block before any training: unknown keys and bad values raise a ValueError
+    naming ``measure.<key>`` and its value."""
+    valid = [name for name, p in inspect.signature(measure).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"measure.{unknown[0]} is not a measure option; valid keys: {', '.join(valid)}")
+    atol = options.get("atol", 1e-4)
+    if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
+        raise ValueError(f"measure.atol={atol!r} must be a number ≥ 0")
+    if not isinstance(options.get("latency", False), bool):
+        raise ValueError(f"measure.latency={options['latency']!r} must be true or false")
+    check_latency_options(**{k: v for k, v in options.items() if k not in ("atol", "latency")})
 
 
 __all__ = [
-    "CompactResult", "CompactionError", "compact", "count_macs", "format_table", "layer_table", "measure",
-    "measure_latency", "sparsity_metrics",
+    "CompactResult", "CompactionError", "check_options", "compact", "count_macs", "format_table", "layer_table",
+    "measure", "measure_latency", "sparsity_metrics",
 ]

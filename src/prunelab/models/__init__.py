@@ -12,6 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from prunelab.models.lenet import LeNet5, LeNet5Classic, LeNet300
+from prunelab.models.mlp import MLP
 from prunelab.models.resnet import BasicBlock, ResNet, ResNet20, ResNet32, ResNet56
 from prunelab.models.vgg import VGG, VGG16, VGG19
 
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet300": LeNet300,
     "lenet5": LeNet5,
     "lenet5_classic": LeNet5Classic,
+    "mlp_wide": MLP,
     "vgg16": VGG16,
     "vgg19": VGG19,
     "resnet20": ResNet20,
@@ -43,6 +45,7 @@ __all__ = [
     "LeNet5",
     "LeNet5Classic",
     "LeNet300",
+    "MLP",
     "ResNet",
     "ResNet20",
     "ResNet32",
