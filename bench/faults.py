@@ -171,11 +171,13 @@ def parallel_sqlite(work: Path, n: int) -> None:
     client = _client(root)
     experiments = [e.name for e in client.search_experiments() if e.name != "Default"]
     runs = client.search_runs([client.get_experiment_by_name("prunelab").experiment_id])
-    complete = sum(set(FINAL_METRICS) <= set(r.data.metrics) and len(_points(client, r.info.run_id)) == 3 * 2
-                   for r in runs)
+    expected = len(FINAL_METRICS) + 3 * 2  # final metrics + 3 curves × 2 epochs
+    got = [len(set(FINAL_METRICS) & set(r.data.metrics)) + len(_points(client, r.info.run_id)) for r in runs]
+    lost = expected * (n - len(runs)) + sum(expected - g for g in got)
     print(f"parallel starts, SQLite: {codes.count(0)}/{n} training processes finished on a fresh file in "
-          f"{time.monotonic() - start:.0f} s; {len(runs)} runs, {complete} with every final metric and curve point "
-          f"(metrics lost: {n - complete} runs incomplete); experiments: {experiments}")
+          f"{time.monotonic() - start:.0f} s; {len(runs)} runs ({sum(r.info.status == 'FINISHED' for r in runs)} "
+          f"FINISHED), metric values lost {lost} of {expected * n}; "
+          f"experiments: {experiments}")
 
 
 _WRITER = """

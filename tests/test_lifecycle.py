@@ -56,7 +56,8 @@ def dense_cached(make_cfg, cache_root):
 
 def _steps(uri: str, run_id: str) -> dict[str, set[int]]:
     client = mlflow.MlflowClient(tracking_uri=uri)
-    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in ("train/loss", "val/acc", "train/sparsity")}
+    keys = ("train/loss", "val/acc", "train/sparsity")
+    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
 
 
 def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cached, make_cfg, cache_root,

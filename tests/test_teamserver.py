@@ -13,8 +13,8 @@ from prunelab.tracking.sweep import KIND_TAG
 from prunelab.tracking.teamserver import postgres, postgres_bin, team_server
 from test_store import start_together
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL not installed (apt-get install postgresql)")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(postgres_bin() is None,
+                                                   reason="PostgreSQL not installed (apt-get install postgresql)")]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.tracking import sweep
-from prunelab.tracking.lifecycle import process_tags
 from prunelab.tracking.store import open_experiment
 
 log = logging.getLogger(__name__)

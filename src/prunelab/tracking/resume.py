@@ -69,8 +69,8 @@ class Resume:
 def _load(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"ckpt_path={path!r} does not exist (a run's checkpoints are in "
-                                "<run dir>/checkpoints/last.ckpt; the tag prunelab.checkpoint of a KILLED run names it)")
+        raise FileNotFoundError(f"ckpt_path={path!r} does not exist (a run's checkpoints are in <run dir>/"
+                                "checkpoints/last.ckpt; the tag prunelab.checkpoint of a KILLED run names it)")
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
