@@ -191,8 +191,8 @@ run = client.create_run(ensure_experiment(sys.argv[1], "prunelab"), tags={"write
 params = [Param(k, v) for k, v in record["params"].items()]
 for i in range(0, len(params), 100):
     client.log_batch(run.info.run_id, params=params[i:i + 100])
-for key, step, value in record["metrics"]:  # one call per point, as a training loop logs them
-    client.log_batch(run.info.run_id, metrics=[Metric(key, value, 0, step)])
+for key, step, value, timestamp in record["metrics"]:  # one call per point, as a training loop logs them
+    client.log_batch(run.info.run_id, metrics=[Metric(key, value, timestamp, step)])
 client.set_terminated(run.info.run_id)
 """
 
@@ -212,7 +212,8 @@ def postgres_parts(work: Path, writers: int, first_users: int) -> None:
     assert _train(root, *SMALL).returncode == 0
     client = _client(root)
     (run,) = client.search_runs(["1"])
-    metrics = [(k, m.step, m.value) for k in run.data.metrics for m in client.get_metric_history(run.info.run_id, k)]
+    metrics = [(k, m.step, m.value, m.timestamp) for k in run.data.metrics
+               for m in client.get_metric_history(run.info.run_id, k)]
     (work / "record.json").write_text(json.dumps({"params": run.data.params, "metrics": metrics}))
     with postgres() as db, mlflow_server(db, work / "artifacts", workers=4) as url:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
