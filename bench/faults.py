@@ -180,14 +180,20 @@ def parallel_sqlite(work: Path, n: int) -> None:
           f"experiments: {experiments}")
 
 
+# MLflow only (no torch: 32 of them must fit in memory); get-or-create the experiment as ensure_experiment does
 _WRITER = """
 import sys, json
 from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from prunelab.tracking.store import ensure_experiment
 record = json.load(open(sys.argv[2]))
 client = MlflowClient(tracking_uri=sys.argv[1])
-run = client.create_run(ensure_experiment(sys.argv[1], "prunelab"), tags={"writer": sys.argv[3]})
+exp = client.get_experiment_by_name("prunelab")
+try:
+    exp_id = exp.experiment_id if exp else client.create_experiment("prunelab")
+except MlflowException:  # another writer created it meanwhile
+    exp_id = client.get_experiment_by_name("prunelab").experiment_id
+run = client.create_run(exp_id, tags={"writer": sys.argv[3]})
 params = [Param(k, v) for k, v in record["params"].items()]
 for i in range(0, len(params), 100):
     client.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -265,7 +271,7 @@ def bad_inputs(work: Path) -> None:
         clean = not (root / "outputs").exists()
         ok = proc.returncode != 0 and named and clean
         rejected += ok
-        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or [""]
+        last = [line for line in proc.stderr.splitlines() if key in line][-1:] or [""]
         print(f"  {'rejected' if ok else 'NOT REJECTED'} {seconds:5.1f} s  {overrides.replace(str(work), '…')}: "
               f"{last[0][:150].replace(str(work), '…')}" + ("" if clean else "  [store created]"), flush=True)
     print(f"bad inputs rejected {rejected}/{len(cases)} (non-zero exit, key named, no store / experiment / run)")
