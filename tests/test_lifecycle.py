@@ -73,6 +73,8 @@ def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cac
     _wait_for_epoch(proc, ckpts)
     proc.kill()
     proc.wait()
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] > 0  # resumes mid-fit, not from 0
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
     (run,) = runs_in(tmp_path)
     assert run.info.status == "RUNNING"
     (orphan,) = reconcile(mlflow.get_tracking_uri())

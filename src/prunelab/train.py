@@ -82,7 +82,8 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
     module = Classifier(parts.net, parts.datamodule.num_classes,
                         optimizer=instantiate(cfg.finetune.optimizer), scheduler=instantiate(cfg.finetune.scheduler))
     folder = resume.checkpoint_dir(cfg)
-    checkpoints = ModelCheckpoint(dirpath=folder, save_last=True)  # every epoch
+    # every epoch; always the same last.ckpt (RunIdentity writes it first, a resume goes on in the same folder)
+    checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, enable_version_counter=False)
     identity = resume.RunIdentity(logger.run_id, resume.identity(cfg, parts.pruning.describe()), folder)
     trainer = instantiate(cfg.trainer, max_epochs=int(cfg.finetune.epochs), logger=logger,
                           callbacks=[parts.pruning, checkpoints, identity])
