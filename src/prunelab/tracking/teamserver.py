@@ -44,7 +44,7 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-def _wait(check, what: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+def _wait(check, what: str, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
