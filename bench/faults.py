@@ -226,8 +226,12 @@ def postgres_parts(work: Path, writers: int, first_users: int) -> None:
         start = time.monotonic()
         procs = [subprocess.Popen([sys.executable, "-c", _WRITER, url, str(work / "record.json"), str(i)],
                                   stderr=subprocess.PIPE, env=env) for i in range(writers)]
-        codes = [p.wait() for p in procs]
+        outcomes = [p.communicate() for p in procs]
+        codes = [p.returncode for p in procs]
         seconds = time.monotonic() - start
+        for p, (_, err) in zip(procs, outcomes):
+            if p.returncode:
+                print(f"  writer failed (status {p.returncode}): {err.decode()[-800:]}")
         server = mlflow.MlflowClient(tracking_uri=url)
         experiments = [e.name for e in server.search_experiments() if e.name != "Default"]
         runs = server.search_runs([server.get_experiment_by_name("prunelab").experiment_id], max_results=1000)
