@@ -20,13 +20,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from prunelab.checks import check_config
 from prunelab.dense import dense_baseline
 from prunelab.measure import LATENCY_FILE, check_options, format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.pruning import PruningCallback
-from prunelab.tracking import sweep
+from prunelab.tracking import resume, sweep
+from prunelab.tracking.lifecycle import interrupted, reconcile, stop_on_signals
 from prunelab.tracking.record import run_params, summary
-from prunelab.tracking.store import RunLogger, ensure_experiment, tracking_uri
+from prunelab.tracking.store import RunLogger, open_experiment
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -38,6 +40,7 @@ class Parts:
     net: torch.nn.Module
     dense_net: torch.nn.Module
     pruning: PruningCallback | None
+    resume: resume.Resume | None = None
 
 
 def _instantiate(node: DictConfig, **kwargs):
@@ -55,6 +58,7 @@ def build(cfg: DictConfig) -> Parts:
     """Instantiate and check everything a run needs; raises on bad input before any training or MLflow run."""
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
         raise ValueError(f"seed={cfg.seed!r} must be an integer")
+    check_config(cfg)
     check_options(OmegaConf.to_container(cfg.measure, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)  # the seed decides the dense model's initial weights too
     datamodule = _instantiate(cfg.data)
@@ -70,7 +74,7 @@ def build(cfg: DictConfig) -> Parts:
         pruning.validate(net, torch.zeros(1, shape["in_channels"], shape["image_size"], shape["image_size"]))
     elif float(cfg.pruning.compression) != 1.0:
         raise ValueError(f"pruning=none runs the dense model; pruning.compression={cfg.pruning.compression} must be 1")
-    return Parts(datamodule, net, dense_net, pruning)
+    return Parts(datamodule, net, dense_net, pruning, resume.check_checkpoint(cfg, pruning, net))
 
 
 def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
@@ -78,9 +82,12 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
     pl.seed_everything(int(cfg.seed), workers=True)
     module = Classifier(parts.net, parts.datamodule.num_classes,
                         optimizer=instantiate(cfg.finetune.optimizer), scheduler=instantiate(cfg.finetune.scheduler))
-    checkpoints = ModelCheckpoint(dirpath=Path(cfg.paths.run_dir) / "checkpoints", save_last=True)  # every epoch
+    folder = resume.checkpoint_dir(cfg)
+    # every epoch; always the same last.ckpt (RunIdentity writes it first, a resume goes on in the same folder)
+    checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, enable_version_counter=False)
+    identity = resume.RunIdentity(logger.run_id, resume.identity(cfg, parts.pruning.describe()), folder)
     trainer = instantiate(cfg.trainer, max_epochs=int(cfg.finetune.epochs), logger=logger,
-                          callbacks=[parts.pruning, checkpoints])
+                          callbacks=[parts.pruning, checkpoints, identity])
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
     test = trainer.test(module, datamodule=parts.datamodule, verbose=False)[0]
     return 100.0 * float(test["test/acc"])
@@ -111,16 +118,19 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
 
 
 def _experiment(cfg: DictConfig) -> tuple[str, str]:
-    """Tracking URI (set as MLflow's current one) and the experiment id, created if missing."""
-    uri = tracking_uri(cfg.logger.tracking_uri, cfg.paths.output_dir)
+    """Tracking URI (set as MLflow's current one) and the experiment id, created if missing; runs of this
+    experiment left RUNNING by a dead process of this host are ended KILLED."""
+    uri, exp_id = open_experiment(cfg.logger, cfg.paths.output_dir)
     mlflow.set_tracking_uri(uri)
-    return uri, ensure_experiment(uri, cfg.logger.experiment_name, cfg.logger.artifact_location)
+    reconcile(uri, [exp_id])
+    return uri, exp_id
 
 
 def _end_failed(exc: BaseException) -> None:
-    """End the active run as FAILED (KILLED on Ctrl-C) with the reason as the ``failure_reason`` tag."""
-    mlflow.set_tag("failure_reason", f"{type(exc).__name__}: {exc}"[:5000])
-    mlflow.end_run(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+    """End the active run as FAILED (KILLED on SIGTERM / Ctrl-C) with the reason as the ``failure_reason`` tag."""
+    stop = interrupted() or (exc if isinstance(exc, KeyboardInterrupt) else None)
+    mlflow.set_tag("failure_reason", f"{type(stop or exc).__name__}: {stop or exc}"[:5000])
+    mlflow.end_run(status="KILLED" if stop else "FAILED")
 
 
 def _record_failed_job(cfg: DictConfig, job_sweep: sweep.Sweep, exc: BaseException) -> None:
@@ -152,9 +162,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         f"{params['method']}-c{float(cfg.pruning.compression):g}-{cfg.names.data}-{cfg.names.model}-s{cfg.seed}")
     parent = job_sweep.parent_run_id if job_sweep else None
     tags = {"sweep_id": job_sweep.sweep_id} if job_sweep else {}
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, parent_run_id=parent, tags=tags) as run:
+    with resume.start_run(parts.resume, experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
+                          tags=tags) as run:
         try:
-            mlflow.log_params(params)
+            mlflow.log_params(resume.new_params(run, params))
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run.info.run_id)
             dense = dense_baseline(cfg, parts.dense_net, parts.datamodule,
@@ -194,14 +205,15 @@ def _quiet_libraries() -> None:
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns test accuracy so sweepers can optimise it."""
     _quiet_libraries()
-    try:
-        return train(cfg)["test_acc"]
-    except Exception as exc:
-        if sweep.current() is None:
-            raise
-        # the run is FAILED in MLflow with its reason; the other jobs of the sweep go on
-        log.error("sweep job failed: %s: %s", type(exc).__name__, exc)
-        return float("nan")
+    with stop_on_signals():  # SIGTERM / Ctrl-C: run KILLED, exit status 128 + signal
+        try:
+            return train(cfg)["test_acc"]
+        except Exception as exc:
+            if sweep.current() is None:
+                raise
+            # the run is FAILED in MLflow with its reason; the other jobs of the sweep go on
+            log.error("sweep job failed: %s: %s", type(exc).__name__, exc)
+            return float("nan")
 
 
 if __name__ == "__main__":

@@ -10,33 +10,33 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.tracking import sweep
-from prunelab.tracking.store import ensure_experiment, tracking_uri
+from prunelab.tracking.store import open_experiment
 
 log = logging.getLogger(__name__)
 
 
 def _prepare(config: DictConfig) -> tuple[str, str]:
     HydraConfig.instance().set_config(config)  # not yet set when the callbacks run; paths interpolate hydra:
-    uri = tracking_uri(config.logger.tracking_uri, config.paths.output_dir)
-    exp_id = ensure_experiment(uri, config.logger.experiment_name, config.logger.artifact_location)
+    uri, exp_id = open_experiment(config.logger, config.paths.output_dir)
     log.info("MLflow: %s, experiment %s (%s)", uri, config.logger.experiment_name, exp_id)
     return uri, exp_id
 
 
 class MlflowSetupCallback(Callback):
-    """Creates the tracking store and experiment before jobs run (parallel jobs on a fresh SQLite file would race on
-    its schema migration); for a sweep, also the parent run, and the sweep report at its end."""
+    """For a sweep: creates the tracking store, the experiment and the parent run before any job starts, and the
+    sweep report at its end. A single run creates its store itself, after its config was checked."""
 
     def __init__(self, report: bool = True) -> None:
         self.report = report
         self._sweep: sweep.Sweep | None = None
         self._uri = ""
 
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _prepare(config)
-
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._uri, exp_id = _prepare(config)
+        try:
+            self._uri, exp_id = _prepare(config)
+        except Exception as exc:  # Hydra would turn it into a warning and start every job against a dead store
+            log.error("%s: %s", type(exc).__name__, exc)
+            raise SystemExit(1) from None
         overrides = list(OmegaConf.to_container(config.hydra.overrides.task, resolve=False))
         params = config.hydra.sweeper.get("params") or {}
         overrides += [f"{k}={v}" for k, v in params.items()]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
+from prunelab.tracking.lifecycle import process_tags
+
 PARENT_ENV = "PRUNELAB_PARENT_RUN_ID"
 SWEEP_ENV = "PRUNELAB_SWEEP_ID"
 KIND_TAG = "prunelab.kind"
@@ -37,7 +39,7 @@ def start(uri: str, experiment_id: str, overrides: list[str], sweep_dir: str) ->
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(
         experiment_id, run_name=f"sweep-{sweep_id}",
-        tags={"sweep_id": sweep_id, KIND_TAG: "sweep", "sweep_dir": sweep_dir},
+        tags={"sweep_id": sweep_id, KIND_TAG: "sweep", "sweep_dir": sweep_dir, **process_tags()},
     )
     client.log_param(run.info.run_id, "sweep_overrides", " ".join(overrides)[:6000])
     os.environ[PARENT_ENV], os.environ[SWEEP_ENV] = run.info.run_id, sweep_id
