@@ -16,7 +16,10 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Epoch counts and tracking options, before anything is built."""
     _positive_int(cfg, "dense.epochs")
-    _positive_int(cfg, "finetune.epochs")
+    if cfg.finetune.epochs != "auto":
+        _positive_int(cfg, "finetune.epochs")
+    _positive_int(cfg, "finetune.min_epochs")
+    _positive_int(cfg, "finetune.steps_per_doubling")
     timeout = cfg.logger.get("connect_timeout", 10)
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
         raise ValueError(f"logger.connect_timeout={timeout!r} must be a number of seconds > 0")

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from prunelab import budget
 from prunelab.checks import check_config
 from prunelab.dense import dense_baseline
 from prunelab.measure import LATENCY_FILE, check_options, format_table, measure
@@ -63,6 +64,7 @@ def build(cfg: DictConfig) -> Parts:
     pl.seed_everything(cfg.seed, workers=True)  # the seed decides the dense model's initial weights too
     datamodule = _instantiate(cfg.data)
     datamodule.prepare_data()  # a missing downloadable dataset fails here, naming its folder and the flag
+    budget.resolve(cfg, len(datamodule.train_dataloader()))
     shape = {"in_channels": datamodule.num_channels, "image_size": datamodule.image_size,
              "num_classes": datamodule.num_classes}
     net, dense_net = _instantiate(cfg.model, **shape), _instantiate(cfg.model, **shape)
