@@ -66,7 +66,7 @@ def test_lambda_update_by_hand():
         torch.testing.assert_close(cb.hist["1"].flatten(), torch.tensor([0.0, 3.0, 1.0, 2.0], dtype=torch.float64))
         with torch.no_grad():
             net[1].weight[:, 0] = 3.0  # col0 becomes the most important: instantaneous ranks 3, 2, 0, 1
-        _step(cb, 1)  # history (n = 2): h = (0+3, 3+2, 1+0, 2+1)/2 → ranks col2 0, col0 1, col3 2 (tie: index), col1 3
+        _step(cb, 1)  # history (n = 2): h = (0+3, 3+2, 1+0, 2+1)/2 → ranks col2 0, col0 1, col3 2 (tie), col1 3
         torch.testing.assert_close(cb.hist["1"].flatten(), torch.tensor([1.5, 2.5, 0.5, 1.5], dtype=torch.float64))
         expected = {"history": [1 + ROOT8, 0.0, ROOT8 + 1, 0.0],
                     "instantaneous": [lam0, 0.0, ROOT8 + 1, ROOT8]}[rank]  # col0 at rank 3: 1 + (1/2 − √2)
@@ -81,7 +81,8 @@ def test_lambda_update_by_hand():
 def test_more_crossings_than_needed_prunes_exactly_the_count():
     net, cb = _tiny(lam=[2.0, 2.0, 2.0, 2.0], lambda_max=1.0)
     _step(cb, 0)  # every λ ≥ 1 after the step (col1: 2 + 1/2 − √2); the layer needs 2: largest λ first
-    torch.testing.assert_close(cb.lam["1"].flatten(), torch.tensor([3.0, 2.5 - math.sqrt(2), 2 + ROOT8, 2.0], dtype=torch.float64))
+    expected = torch.tensor([3.0, 2.5 - math.sqrt(2), 2 + ROOT8, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(cb.lam["1"].flatten(), expected)
     assert groups.group_mask_of(cb.masks.masks["1"], "column").flatten().tolist() == [False, True, False, True]
     assert not net[1].weight[:, [0, 2]].any() and net[1].weight[:, [1, 3]].all()
     assert cb.done and cb.active() == []

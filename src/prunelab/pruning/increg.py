@@ -1,5 +1,5 @@
-"""IncReg: incremental regularization (Wang et al., arXiv 1804.09461 / 1811.08390), structured by im2col columns
-or by filters. METHODS.md §2.
+"""IncReg: incremental regularization (Wang et al., arXiv 1804.09461 / 1811.08390; the authors' Caffe code,
+MingSun-Tse/Caffe_IncReg, ``Reg_Col``/``Reg_Row``), structured by im2col columns or by filters.
 
 Every group g of a pruned layer carries its own L2 factor λ_g: the loss gets Σ_g λ_g/2 ‖W_g‖², i.e. λ_g·w is added
 to the gradient of the group's weights. Every step, before the forward, each layer still pruning
@@ -17,9 +17,11 @@ A layer stops (no more λ updates, no more λ·w) at its count; when every layer
 training goes on as masked fine-tuning.
 
 How the global ratio becomes per-layer counts: once, when training starts, the core's exact allocator turns
-``compression`` into a number of groups to prune per layer (``scope=global``: groups of all layers ranked together
-by RMS norm on the starting weights; ``scope=layer``: one ratio for every layer; or the explicit ``layer_sparsity``
-table). These counts are saved in checkpoints and never recomputed; IncReg then decides *which* groups go.
+``compression`` into a number of groups to prune per layer: ``scope=layer`` (default) prunes the same share of groups
+in every pruned layer, the share chosen so that the total hits the target, as the authors give each layer its own
+ratio; ``scope=global`` ranks the groups of all layers together by RMS norm on the starting weights; an explicit
+``layer_sparsity`` table overrides both. The counts are saved in checkpoints and never recomputed (not even on
+resume from other weights); IncReg then decides *which* groups go.
 
 Scaling to short runs: the authors grow λ by A = 2.5e-4 per step up to an effective ceiling of 6.13 (2.45e4 steps
 for a group to reach it at the fastest). Here A = ``lambda_max`` / (``ramp`` · training steps), so a rank-0 group
@@ -58,16 +60,18 @@ class IncRegPruning(PruningCallback):
         u: Δλ(N₁)/A, the increment at the symmetry point, in (0, 0.5) (0.25 in the authors' code).
         rank: ``history`` (running mean of the rank over all steps, the authors' default) or ``instantaneous``.
         granularity: ``column`` (im2col columns, the authors' main setting) or ``filter``.
-        **kwargs: scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
+        scope: how ``compression`` becomes per-layer counts (``layer``: one ratio; ``global``: RMS ranking).
+        **kwargs: layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
     """
 
     method = "increg"
 
-    def __init__(self, compression: float, lambda_max: float = 1.0, ramp: float = 0.05,
+    def __init__(self, compression: float, lambda_max: float = 6.13, ramp: float = 0.05,
                  amplitude: float | None = None, u: float = 0.25, rank: str = "history",
-                 granularity: str = "column", **kwargs) -> None:
+                 granularity: str = "column", scope: str = "layer", **kwargs) -> None:
         check_known("IncReg", kwargs, OPTIONS)
-        super().__init__(compression, granularity=check_choice("granularity", granularity, GRANULARITIES), **kwargs)
+        granularity = check_choice("granularity", granularity, GRANULARITIES)
+        super().__init__(compression, granularity=granularity, scope=scope, **kwargs)
         self.lambda_max = check_number("lambda_max", lambda_max, 0.0)
         self.ramp = check_number("ramp", ramp, 0.0, 1.0)
         self.amplitude = None if amplitude is None else check_number("amplitude", amplitude, 0.0)
@@ -167,6 +171,7 @@ class IncRegPruning(PruningCallback):
             module.log(f"increg/mean_lambda/{name}", mean_lam.float(), on_step=False, on_epoch=True)
         done = sum(self.pruned(n) >= k for n, k in self.counts.items())
         module.log("increg/layers_done", float(done), on_step=False, on_epoch=True, reduce_fx="max")
+        module.log("increg/amplitude", float(self.A), on_step=False, on_epoch=True)  # A derived from ramp
 
     @property
     def done(self) -> bool:
