@@ -107,12 +107,19 @@ def test_exact_group_counts_per_layer(granularity, compression):
         assert trainer.callback_metrics[f"increg/groups_pruned/{name}"] == k
 
 
+def _table_compression(net, table):
+    """The compression an explicit table of column shares gives on ``net``."""
+    layers = {n: m for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    total = sum(m.weight.numel() for m in layers.values())
+    zeros = sum(round(f * math.prod(groups.group_shape(layers[n].weight, "column"))) *
+                groups.group_size(layers[n].weight, "column") for n, f in table.items())
+    return total / (total - zeros)
+
+
 def test_layer_sparsity_table_sets_the_counts():
     table = {"fc2": 0.5, "fc3": 0.3}  # columns: 300 inputs of fc2, 100 of fc3
     net = LeNet300(image_size=8)
-    total = sum(m.weight.numel() for m in (net.fc1, net.fc2, net.fc3))
-    zeros = 150 * net.fc2.out_features + 30 * net.fc3.out_features
-    pruning = IncRegPruning(compression=total / (total - zeros), layer_sparsity=table, ramp=0.1)
+    pruning = IncRegPruning(compression=_table_compression(net, table), layer_sparsity=table, ramp=0.1)
     pruning.validate(net)
     _fit(net, pruning, epochs=2)
     assert pruning.counts == {"fc2": 150, "fc3": 30} and _pruned_per_layer(pruning) == pruning.counts
@@ -191,11 +198,12 @@ def test_resume_mid_prune_gives_identical_lambda_ranks_and_masks(tmp_path, rank)
 def test_column_masks_leave_empty_channels_that_compaction_removes():
     torch.manual_seed(0)
     net = LeNet5(image_size=8)
-    pruning = IncRegPruning(compression=12, ramp=0.1, scope="layer")  # global: conv2 would keep every column
+    table = {"conv2": 0.98, "fc1": 0.9, "fc2": 0.9}  # 10 of conv2's 500 columns left: some channels must empty
+    pruning = IncRegPruning(compression=_table_compression(net, table), layer_sparsity=table, ramp=0.1)
     watch = ZeroWatch(pruning)
     _fit(net, pruning, callbacks=[watch], epochs=2)
     assert watch.violations == 0 and _pruned_per_layer(pruning) == pruning.counts
-    live = {n: pruning.live(n) for n in pruning.counts}  # conv2: (50 in-channels, 25), fc1: (800,), fc2: (500,)
+    live = {n: pruning.live(n) for n in pruning.counts}  # conv2: (20 in-channels, 25), fc1, fc2: (inputs, 1)
     spatial = net.fc1.in_features // net.conv2.out_channels
     expected = {"conv1": int((~live["conv2"].any(1)).sum()),  # every column of an input channel pruned
                 "conv2": int((~live["fc1"].reshape(-1, spatial).any(1)).sum()),  # fc1 ignores a whole feature map
