@@ -1,5 +1,5 @@
 """Structured pruning methods compared: test accuracy (mean ± std over seeds) against MACs reduction and measured
-CPU speed-up, every method at the same structured granularity and with the same epoch budget.
+CPU speed-up (median and range over seeds), every method at the same structured granularity and epoch budget.
 
     python bench/structured.py                                   # increg spp admm magnitude, seeds 0 1 2
     python bench/structured.py --methods increg admm magnitude   # a subset (e.g. before spp exists)
@@ -71,6 +71,14 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def fmt_median(values: list[float]) -> str:
+    """Median (min–max): timings on a shared machine have outliers that a mean ± std would let dominate."""
+    values = sorted(v for v in values if v == v)
+    if len(values) < 2:
+        return fmt(values)
+    return f"{statistics.median(values):.2f} ({values[0]:.2f}–{values[-1]:.2f})"
+
+
 def table(root: Path) -> str:
     """Markdown table per cell: one row per (method, requested ratio), read back from MLflow."""
     import mlflow
@@ -87,16 +95,18 @@ def table(root: Path) -> str:
     failed = runs[runs["status"] != "FINISHED"]
     runs = runs[runs["status"] == "FINISHED"]
     lines = []
-    columns = ["compression", "test_acc", "macs_reduction", "speedup_cpu_b1", "speedup_cpu_b64"]
+    columns = {"compression": fmt, "test_acc": fmt, "macs_reduction": fmt, "speedup_cpu_b1": fmt_median,
+               "speedup_cpu_b64": fmt_median}
     for (data, model), cell in runs.groupby(["dataset", "model"], sort=False):
         dense_acc = fmt(list(cell.drop_duplicates("seed")["dense_test_acc"]))
         lines += [f"\n{data} / {model} — dense test accuracy {dense_acc} % (seeds "
                   f"{', '.join(sorted(cell['seed'].unique()))})",
-                  "| method | requested | achieved | test acc (%) | MACs reduction | CPU speed-up b1 | "
-                  "CPU speed-up b64 |",
+                  "| method | requested | achieved | test acc (%) | MACs reduction | CPU speed-up b1, median | "
+                  "CPU speed-up b64, median |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for (method, ratio), rows in cell.groupby(["method", "compression_target"]):
-            lines.append(f"| {method} | {ratio:g}× | " + " | ".join(fmt(list(rows[c])) for c in columns) + " |")
+            cells = [f(list(rows[c])) for c, f in columns.items()]
+            lines.append(f"| {method} | {ratio:g}× | " + " | ".join(cells) + " |")
     for _, row in failed.iterrows():
         lines.append(f"FAILED {row['method']} {row['compression_target']}× seed {row['seed']}: "
                      f"{row['failure_reason']}")
