@@ -3,8 +3,9 @@
 from prunelab.pruning.admm import ADMMPruning
 from prunelab.pruning.base import PruningCallback
 from prunelab.pruning.checks import check_compression
+from prunelab.pruning.increg import IncRegPruning
 from prunelab.pruning.magnitude import MagnitudePruning
 
-METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning}
+METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning, "increg": IncRegPruning}
 
-__all__ = ["ADMMPruning", "METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
+__all__ = ["ADMMPruning", "IncRegPruning", "METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
