@@ -242,6 +242,6 @@ def test_registered_and_bad_config_fails_before_mlflow(make_cfg, tmp_path):
     assert METHODS["increg"] is IncRegPruning
     with pytest.raises(ValueError, match=r"pruning.ramp=0"):
         train(make_cfg("pruning=increg", "pruning.ramp=0"))
-    with pytest.raises(ValueError, match=r"max compression ≈ 2.6×"):  # columns of the MLP's input are not pruned
+    with pytest.raises(ValueError, match=r"max compression ≈ 2.60×"):  # columns of the MLP's input are not pruned
         train(make_cfg("pruning=increg", "pruning.compression=4"))
     assert runs_in(tmp_path) == []

@@ -77,16 +77,6 @@ class ADMMPruning(PruningCallback):
         if self.quant is not None:
             self.quant.check_layers(list(self.masks.modules))
 
-    def validate(self, model: torch.nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Base checks, plus: a per-layer table must give the requested compression (within 2 %)."""
-        trial = super().validate(model, example_input)
-        if self.layer_sparsity:
-            implied = sum(m.numel() for m in trial.values()) / max(sum(int(m.sum()) for m in trial.values()), 1)
-            if abs(implied - self.compression) / self.compression > 0.02:
-                raise ValueError(f"pruning.compression={self.compression:g} disagrees with pruning.layer_sparsity, "
-                                 f"which gives {implied:.2f}× on this model; set compression to {implied:.2f}")
-        return trial
-
     def constrained(self) -> list[str]:
         """Layers with a Z/U pair: those pruned at this granularity, and every layer when quantizing."""
         return [n for n in self.masks.modules if self.quant is not None or n in self._eligible]

@@ -28,7 +28,7 @@ from torch import nn
 
 from prunelab.pruning import groups, macs_target
 from prunelab.pruning.allocate import SCOPES, allocate, keep_floor
-from prunelab.pruning.checks import check_choice, check_compression, check_int, check_number
+from prunelab.pruning.checks import check_choice, check_compression, check_int, check_number, check_table_compression
 from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
 from prunelab.pruning.schedules import compression_to_sparsity
 
@@ -52,7 +52,8 @@ class PruningCallback(pl.Callback):
         scope: ``global`` (rank all layers together) or ``layer`` (same ratio in every layer).
         layers: module names of the network to prune (default: every Conv2d and Linear).
         exclude: module names to keep dense.
-        layer_sparsity: explicit fraction of zeros per layer name (overrides ``compression`` for the allocation).
+        layer_sparsity: explicit fraction of zeros per layer name (allocates instead of ``compression``, which must
+            agree with it within 2 %).
         min_keep: groups every layer keeps, so no layer is emptied.
         min_keep_fraction: share of its groups every layer keeps (not applied to an explicit ``layer_sparsity``).
         round_to: ``filter``/``channel``: kept groups per layer a multiple of this; ``auto`` = 8 when training on
@@ -170,6 +171,8 @@ class PruningCallback(pl.Callback):
             sparsity, _ = self.search_macs(scores=zeros, steps=0)  # reachable at all?
         trial = allocate(weights, zeros, sparsity, self.granularity, self.scope, self.min_keep,
                          self.layer_sparsity, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
+        if self.layer_sparsity:  # a table is a statement of the compression too: the two must agree
+            check_table_compression(self.compression, trial)
         self.masks = MaskSet()
         return trial
 

@@ -38,7 +38,7 @@ import torch
 
 from prunelab.pruning import groups
 from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
-from prunelab.pruning.checks import check_choice, check_known, check_number, check_table_compression
+from prunelab.pruning.checks import check_choice, check_known, check_number
 from prunelab.pruning.increments import increment, live_ranks
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ class IncRegPruning(PruningCallback):
         self.A: float | None = None  # the increment amplitude in use, fixed when training starts
         self.lam: dict[str, torch.Tensor] = {}  # λ_g per layer, shaped as groups.group_shape
         self.hist: dict[str, torch.Tensor] = {}  # history rank h_g per layer
-
-    def validate(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """Base checks, plus: a per-layer table must give the requested compression (within 2 %)."""
-        trial = super().validate(model)
-        if self.layer_sparsity:
-            check_table_compression(self.compression, trial)
-        return trial
 
     # ----------------------------------------------------------------- per-layer bookkeeping
     def live(self, name: str) -> torch.Tensor:
