@@ -4,7 +4,8 @@ from prunelab.pruning.admm import ADMMPruning
 from prunelab.pruning.base import PruningCallback
 from prunelab.pruning.checks import check_compression
 from prunelab.pruning.magnitude import MagnitudePruning
+from prunelab.pruning.spp import SPPPruning
 
-METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning}
+METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning, "spp": SPPPruning}
 
-__all__ = ["ADMMPruning", "METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
+__all__ = ["ADMMPruning", "METHODS", "MagnitudePruning", "PruningCallback", "SPPPruning", "check_compression"]
