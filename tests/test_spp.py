@@ -135,6 +135,23 @@ def test_exact_group_counts_and_compacted_channels(kwargs):
     assert kept == {"conv1": 20 - dead["conv1"], "conv2": 50 - dead["conv2"], "fc1": 500 - dead["fc1"]}
 
 
+def test_target_macs_sets_the_layer_counts():
+    from prunelab.measure import count_macs
+    from prunelab.pruning.macs_target import masked_copy
+
+    torch.manual_seed(0)
+    net, example = LeNet300(image_size=8).eval(), torch.zeros(1, 1, 8, 8)
+    spp = SPPPruning(compression=3, granularity="filter", target="macs")
+    spp.validate(net, example)
+    spp.bind(net)
+    spp.calibrate()  # as the core does before start() under target=macs
+    spp.start(type("T", (), {"estimated_stepping_batches": 100, "optimizers": []})())
+    spp.finalize(None)  # prune the counts (filters' MACs depend only on how many go per layer)
+    pruned = compact(masked_copy(net, spp.masks.masks, spp.masks.dependents), example).net
+    reduction = count_macs(net, example) / count_macs(pruned, example)
+    assert reduction == pytest.approx(spp.macs_reduction) and abs(reduction - 3) / 3 < 0.02
+
+
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_no_regrowth_while_pruning_and_after(opt):
     pruning = SPPPruning(compression=10, granularity="filter", **FAST)

@@ -55,7 +55,8 @@ class SPPPruning(PruningCallback):
         mask_mode: ``group`` (one draw per group) or ``element`` (one draw per weight, probability of its group).
         score_decay: d in h ← d·h + L1 (0: the instantaneous L1 norm).
         increment: ``exponential`` (the paper's) or ``linear`` (the code's PP-linear alternative).
-        **kwargs: granularity (``column`` or ``filter``), scope, layers, exclude, layer_sparsity, min_keep.
+        **kwargs: granularity (``column`` or ``filter``) and the allocation options of :class:`PruningCallback`
+            (scope, layers, exclude, layer_sparsity, min_keep, min_keep_fraction, round_to, target).
     """
 
     method = "spp"
