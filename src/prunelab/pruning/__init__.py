@@ -5,7 +5,9 @@ from prunelab.pruning.base import PruningCallback
 from prunelab.pruning.checks import check_compression
 from prunelab.pruning.increg import IncRegPruning
 from prunelab.pruning.magnitude import MagnitudePruning
+from prunelab.pruning.spp import SPPPruning
 
-METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning, "increg": IncRegPruning}
+METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning, "increg": IncRegPruning, "spp": SPPPruning}
 
-__all__ = ["ADMMPruning", "IncRegPruning", "METHODS", "MagnitudePruning", "PruningCallback", "check_compression"]
+__all__ = ["ADMMPruning", "IncRegPruning", "METHODS", "MagnitudePruning", "PruningCallback", "SPPPruning",
+           "check_compression"]
