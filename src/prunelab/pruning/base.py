@@ -84,7 +84,9 @@ class PruningCallback(pl.Callback):
         self.min_keep = min_keep
         self.final_sparsity = compression_to_sparsity(self.compression)
         self.masks = MaskSet()
+        self.layer_names: list[str] = []  # the pruned layers as bound, before any architecture change
         self.current_sparsity = 0.0  # last target applied by prune_to
+        self._network: nn.Module | None = None
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
 
@@ -105,6 +107,7 @@ class PruningCallback(pl.Callback):
     def bind(self, model: nn.Module) -> None:
         """Resolve the layers of ``model`` to prune and attach the masks (validates layer names)."""
         modules = prunable_layers(model, self.layers, self.exclude)
+        self.layer_names = list(modules)
         all_layers = list(prunable_layers(model))
         self._eligible = {n for n in modules if self.eligible(n, all_layers.index(n), len(all_layers))}
         dependents = None
@@ -115,6 +118,13 @@ class PruningCallback(pl.Callback):
             unknown = sorted(set(self.layer_sparsity) - set(modules))
             if unknown:
                 raise ValueError(f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}")
+
+    def rebind(self, model: nn.Module) -> None:
+        """After a method replaced layers of ``model`` (:attr:`changes_architecture`): masks start over, all ones, on
+        every Conv2d/Linear the model now has, so nothing stale is masked or checkpointed; :attr:`layer_names` keeps
+        the layers as first bound."""
+        self.masks = MaskSet()
+        self.masks.bind(prunable_layers(model))
 
     def validate(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Check, before any training, that the layers exist and the target is reachable at this granularity.
@@ -238,7 +248,8 @@ class PruningCallback(pl.Callback):
     # ----------------------------------------------------------------- Lightning hooks (the core's)
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.bind(network_of(pl_module))
+            self._network = network_of(pl_module)
+            self.bind(self._network)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.follow()
@@ -316,6 +327,8 @@ class PruningCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.changes_architecture and self._network is not None:
+            self.rebind(self._network)  # the module rebuilt its layers from the checkpoint before this runs
         self.masks.load_state_dict(state_dict["masks"])
         self.current_sparsity = state_dict["current_sparsity"]
         saved = state_dict.get("tensors", {})
