@@ -47,14 +47,15 @@ def measure(
 ) -> tuple[dict[str, float], list[dict]]:
     """Final metrics (DESIGN.md names) and the per-layer sparsity table.
 
-    ``sparsity``/``compression`` are counted on the masked model; ``params``, ``params_nonzero`` and ``macs`` on its
+    ``sparsity``/``compression`` are counted on the masked model (layers a method replaced count the weights of their
+    replacement against ``dense``'s, see :func:`layer_table`); ``params``, ``params_nonzero`` and ``macs`` on its
     compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
     ``atol``). The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
     ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
     are the ``measure:`` block of ``conf/train.yaml`` (see :func:`prunelab.measure.latency.measure_latency`).
     """
-    metrics = sparsity_metrics(pruned, prunable)
-    rows = layer_table(pruned, prunable)
+    metrics = sparsity_metrics(pruned, prunable, dense)
+    rows = layer_table(pruned, prunable, dense)
     modes = pruned.training, dense.training
     pruned.eval()
     dense.eval()
