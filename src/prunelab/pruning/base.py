@@ -229,6 +229,10 @@ class PruningCallback(pl.Callback):
         """Training ended before :attr:`done`: reach the target now. Default: prune every layer to it."""
         self.prune_to(self.final_sparsity, trainer)
 
+    def achieved_sparsity(self) -> float:
+        """Fraction of the prunable weights that are gone now (``train/sparsity``): by default the masked ones."""
+        return self.masks.sparsity()
+
     @property
     def phase(self) -> str:
         return "finetune" if self.done else "prune"
@@ -274,7 +278,7 @@ class PruningCallback(pl.Callback):
         self.after_step(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.log("train/sparsity", self.masks.sparsity())
+        pl_module.log("train/sparsity", self.achieved_sparsity())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.masks.restore()

@@ -254,6 +254,13 @@ class EigenDamagePruning(PruningCallback):
                 for stage in (m.rotate_in, m.rotate_out):
                     stage.requires_grad_(not self.fix_rotation)
 
+    def achieved_sparsity(self) -> float:
+        """1 − nonzero weights of the prunable layers (replacements included) / their dense weights."""
+        if self._network is None or not self.dense_weights:
+            return 0.0
+        modules = dict(self._network.named_modules())
+        return 1.0 - sum(kfe.weight_count(modules[n], nonzero=True) for n in self.layer_names) / self.dense_weights
+
     # ----------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:
         return {"rounds_done": self.rounds_done, "achieved": self.achieved,
