@@ -226,3 +226,21 @@ def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     assert "fc1" in description["bottlenecks"]
     net = rebuild(LeNet5(image_size=8), description)
     net.load_state_dict(torch.load(f"{folder}/model_state.pt"))  # strict: every rebuilt stage has its weights
+
+
+def test_plan_meets_every_reachable_target_and_keeps_the_top_directions():
+    net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
+    layers = {"fc1": net.fc1, "fc2": net.fc2}
+    factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))
+    kfes = {n: kfe.decompose(m, factors[n]) for n, m in layers.items()}
+    dense = sum(m.weight.numel() for m in (net.fc1, net.fc2, net.fc3))
+    for target in (1.5, 2, 4, 8.25, 11, 13, 13.25):  # the global threshold alone misses the last four by 2.3–3.1 %
+        result = kfe.plan(kfes, net.fc3.weight.numel(), dense, target, limit=0.99)
+        assert abs(result.compression - target) / target < 0.02, target
+        for name, (keep_in, keep_out) in result.keep.items():
+            for scores, kept in ((kfes[name].in_scores, keep_in), (kfes[name].out_scores, keep_out)):
+                dropped = torch.ones(len(scores), dtype=torch.bool)
+                dropped[kept] = False
+                assert 1 <= len(kept) and int(dropped.sum()) <= int(0.99 * len(scores))  # the per-layer cap
+                if dropped.any():
+                    assert scores[dropped].max() <= scores[kept].min()  # a side keeps its best directions

@@ -149,10 +149,8 @@ class EigenDamagePruning(PruningCallback):
         classifier = list(prunable_layers(model))[-1]
         if self.layers is not None and classifier in self.layers:
             raise ValueError(f"pruning.layers names the classifier {classifier!r}; EigenDamage never prunes it")
-        trial = super().validate(model)
-        self.bind(model)
-        modules = dict(self.masks.modules)
-        self.masks = type(self.masks)()
+        trial = super().validate(model)  # binds once: candidates and dense weights are known from here on
+        modules = prunable_layers(model, self.layers, self.exclude)
         for name in self.candidates:
             m = modules[name]
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
@@ -175,13 +173,11 @@ class EigenDamagePruning(PruningCallback):
             c, n, p, bias = m.weight.shape[1], m.weight.shape[0], m.weight[0, 0].numel(), m.bias is not None
             k_in, k_out, params, weights = c + bias, n, kfe.param_count(m), kfe.weight_count(m)
             for _ in range(self.rounds):
-                k_in -= min(math.floor(self.prune_ratio_limit * k_in), k_in - 1)
-                k_out -= min(math.floor(self.prune_ratio_limit * k_out), k_out - 1)
-                w = c * k_in + p * k_in * k_out + n * k_out
-                if w + bias * k_in < params:
-                    params, weights = w + bias * k_in, w
-                else:
-                    k_in, k_out = c + bias, n  # not replaced: the next round starts from the original again
+                t_in = k_in - min(math.floor(self.prune_ratio_limit * k_in), k_in - 1)
+                t_out = k_out - min(math.floor(self.prune_ratio_limit * k_out), k_out - 1)
+                w = c * t_in + p * t_in * t_out + n * t_out
+                if w + bias * t_in < params:  # replaced only where that saves parameters
+                    k_in, k_out, params, weights = t_in, t_out, w + bias * t_in, w
             total += weights
         return self.dense_weights / total
 

@@ -164,32 +164,45 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
 
     The m lowest-scoring directions over all layers are dropped, but at most ⌊limit·n⌋ (and n − 1) of a layer side's
     n; a layer is replaced only when its bottleneck has fewer parameters than what it replaces. Every m is evaluated
-    at once (the bottleneck size is not linear in m) and the one whose compression is closest to ``target`` wins.
+    at once (the bottleneck size is not linear in m) and the one closest to ``target`` wins. One direction of a small
+    layer can move the count by a few percent, so when that is still more than 1 % off, single directions are dropped
+    or kept back, one side at a time, while that brings the result closer.
     """
     names = list(kfes)
     sides = [s for n in names for s in (kfes[n].in_scores, kfes[n].out_scores)]
     scores = torch.cat([s.cpu() for s in sides])
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sides)])
-    order = torch.argsort(scores, stable=True)
-    onehot = torch.zeros(len(order) + 1, len(sides), dtype=torch.long)
-    onehot[torch.arange(1, len(order) + 1), owner[order]] = 1
+    onehot = torch.zeros(len(scores) + 1, len(sides), dtype=torch.long)
+    onehot[torch.arange(1, len(scores) + 1), owner[torch.argsort(scores, stable=True)]] = 1
     sizes = torch.tensor([len(s) for s in sides])
     caps = torch.minimum((limit * sizes.double()).floor().long(), sizes - 1)
     kept = sizes - torch.minimum(onehot.cumsum(0), caps)  # (m + 1, sides): directions kept after dropping m
-    total = torch.full((len(order) + 1,), fixed_weights, dtype=torch.long)
-    rebuilt = []
-    for i, name in enumerate(names):
-        kfe, k_in, k_out = kfes[name], kept[:, 2 * i], kept[:, 2 * i + 1]
-        smaller = kfe.bottleneck_params(k_in, k_out) < param_count(kfe.layer)
-        total += torch.where(smaller, kfe.bottleneck_weights(k_in, k_out), weight_count(kfe.layer, nonzero=True))
-        rebuilt.append(smaller)
-    compression = dense_weights / total.double()
-    m = int(torch.argmin((compression - target).abs()))
-    keep = {}
-    for i, name in enumerate(names):
-        if rebuilt[i][m]:
-            keep[name] = tuple(_top(sides[2 * i + j], int(kept[m, 2 * i + j])) for j in (0, 1))
-    return Plan(keep, float(compression[m]), m)
+
+    def compression(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dense / weights after, and which layers are replaced, for each row of kept counts ``k``."""
+        total = torch.full((len(k),), fixed_weights, dtype=torch.long)
+        replaced = []
+        for i, name in enumerate(names):
+            kfe, k_in, k_out = kfes[name], k[:, 2 * i], k[:, 2 * i + 1]
+            replaced.append(kfe.bottleneck_params(k_in, k_out) < param_count(kfe.layer))
+            total += torch.where(replaced[-1], kfe.bottleneck_weights(k_in, k_out), weight_count(kfe.layer, True))
+        return dense_weights / total.double(), torch.stack(replaced, 1)
+
+    ratio = compression(kept)[0]
+    m = int(torch.argmin((ratio - target).abs()))
+    best, error = kept[m], abs(float(ratio[m]) - target)
+    moves = torch.cat([torch.eye(len(sides)), -torch.eye(len(sides))]).long()
+    while error > 0.01 * target:
+        options = best + moves
+        options = options[((options >= sizes - caps) & (options <= sizes)).all(1)]
+        errors = (compression(options)[0] - target).abs() if len(options) else torch.empty(0)
+        if not len(errors) or float(errors.min()) >= error:
+            break
+        best, error = options[int(torch.argmin(errors))], float(errors.min())
+    ratio, replaced = compression(best[None])
+    keep = {name: (_top(sides[2 * i], int(best[2 * i])), _top(sides[2 * i + 1], int(best[2 * i + 1])))
+            for i, name in enumerate(names) if replaced[0, i]}
+    return Plan(keep, float(ratio[0]), int((sizes - best).sum()))
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
