@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admm_vs_magnitude import compose  # noqa: E402  (the same Hydra composition as the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = {"mnist5k/lenet5": (4, 8), "digits/lenet300": (2, 4)}
+CELLS = {"mnist5k/lenet5": (8, 16), "digits/lenet300": (4, 8)}
 METHODS = {
     "eigendamage": ["pruning=eigendamage"],
     "magnitude-filter": ["pruning=magnitude", "pruning.granularity=filter", "pruning.mode=one_shot"],

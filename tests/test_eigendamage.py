@@ -202,7 +202,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(compression=60), r"pruning.compression=60 is out of reach.*at most \d+\.\d+×.*prune_ratio_limit=0.95"),
+    (dict(compression=60), r"pruning.compression=60 is out of reach.*at most \d+\.\d+×.*prune_ratio_limit=0.99"),
     (dict(compression=4, layers=["conv1", "fc2"]), r"pruning.layers names the classifier 'fc2'"),
     (dict(compression=4, mode="gradual"), r"pruning.mode='gradual' is not one of: one_pass, iterative"),
     (dict(compression=4, prune_ratio_limit=1.0), r"pruning.prune_ratio_limit=1.0 must be a number > 0 and < 1"),

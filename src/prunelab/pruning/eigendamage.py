@@ -111,7 +111,7 @@ class EigenDamagePruning(PruningCallback):
     changes_architecture = True
 
     def __init__(self, compression: float, mode: str = "one_pass", rounds: int = 3, prune_fraction: float = 0.5,
-                 prune_ratio_limit: float = 0.95, fisher_type: str = "true", fisher_batches: int | None = None,
+                 prune_ratio_limit: float = 0.99, fisher_type: str = "true", fisher_batches: int | None = None,
                  fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None, **kwargs) -> None:
         check_known("EigenDamage", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)
