@@ -2,6 +2,8 @@
 
     python bench/eigendamage.py                        # both cells, their default ratios, seeds 0 1 2 (long)
     python bench/eigendamage.py --quick                # the first ratio of each cell, seed 0
+    python bench/eigendamage.py --cells mnist5k/lenet5_classic mnist5k/lenet5 --ratios 4 8 --methods eigendamage \
+        --seeds 0 1                                    # EigenDamage's defaults on another cell
     python bench/eigendamage.py --cells digits/lenet300 --ratios 2 4 --methods eigendamage \\
         --eigendamage pruning.prune_ratio_limit=0.99   # tune one method on one cell
 
@@ -28,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from admm_vs_magnitude import compose  # noqa: E402  (the same Hydra composition as the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = {"mnist5k/lenet5": (8, 16), "digits/lenet300": (4, 8)}
+CELLS = {"mnist5k/lenet5": (8, 16), "digits/lenet300": (4, 8), "mnist5k/lenet5_classic": (8,)}
+DEFAULT_CELLS = ["mnist5k/lenet5", "digits/lenet300"]
 METHODS = {
     "eigendamage": ["pruning=eigendamage"],
     "magnitude-filter": ["pruning=magnitude", "pruning.granularity=filter", "pruning.mode=one_shot"],
@@ -82,7 +85,7 @@ def table(args, root: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the first ratio of each cell, seed 0")
-    parser.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, choices=list(CELLS))
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="instead of each cell's defaults")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6, help="finetune.epochs, the same for every method")

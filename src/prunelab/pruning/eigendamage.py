@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from itertools import islice
 from typing import Any
 
 import pytorch_lightning as pl
@@ -36,14 +35,6 @@ log = logging.getLogger(__name__)
 MODES = ("one_pass", "iterative")
 OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
            "recalibrate_bn", "seed", "layers", "exclude")
-
-
-def train_batches(trainer: pl.Trainer, limit: int | None):
-    """The fit's training batches (at most ``limit``), from its datamodule."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None:
-        raise RuntimeError("EigenDamage reads the training data through the fit's LightningDataModule; none is set")
-    return islice(datamodule.train_dataloader(), limit)
 
 
 @torch.no_grad()
@@ -210,7 +201,7 @@ class EigenDamagePruning(PruningCallback):
     def after_step(self, trainer: pl.Trainer) -> None:
         if self.done and self.recalibrate_bn and trainer.global_step == self._last_step:
             net = network_of(trainer.lightning_module)
-            recalibrate_batchnorm(net, train_batches(trainer, None), trainer.precision_plugin)
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, None), trainer.precision_plugin)
 
     # ----------------------------------------------------------------- one round
     def prune_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> int:
@@ -218,14 +209,15 @@ class EigenDamagePruning(PruningCallback):
         Returns the number of layers replaced."""
         net = network_of(pl_module)
         target = self.compression if final else self.compression ** ((self.rounds_done + 1) / self.rounds)
+        limit = self.fisher_batches
         if self.rounds_done > 0 and self.recalibrate_bn:
-            recalibrate_batchnorm(net, train_batches(trainer, self.fisher_batches), trainer.precision_plugin)
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin)
         current = dict(net.named_modules())
         layers = {n: current[n] for n in self.candidates}
         factored = {n: m.core if isinstance(m, BottleneckLayer) else m for n, m in layers.items()}
-        factors = kfac.collect_factors(net, factored, train_batches(trainer, self.fisher_batches), patch=True,
-                                       fisher_type=self.fisher_type, generator=self.generator,
-                                       precision=trainer.precision_plugin)
+        factors = kfac.collect_factors(net, factored, kfac.training_batches(trainer, limit), patch=True,
+                                       fisher_type=self.fisher_type,
+                                       generator=self.generator, precision=trainer.precision_plugin)
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
         result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit)

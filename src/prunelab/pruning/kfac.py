@@ -22,6 +22,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 import pytorch_lightning as pl
 import torch
@@ -103,6 +104,14 @@ def square_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor, chunk: int 
         gsum = gs.flatten(2).sum(-1).square().sum(0)
         bias = gsum if bias is None else bias + gsum
     return [weight.view_as(module.weight)] + ([bias] if module.bias is not None else [])
+
+
+def training_batches(trainer: pl.Trainer, limit: int | None = None) -> Iterable:
+    """The fit's training batches (at most ``limit``), from its datamodule."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        raise RuntimeError("a Fisher pass reads the training data through the fit's LightningDataModule; none is set")
+    return islice(datamodule.train_dataloader(), limit)
 
 
 def backprop_pass(

@@ -3,8 +3,8 @@ choose how many to keep for a parameter budget, and build the bottleneck that ke
 
 With A = Q_A diag(s_A) Q_Aᵀ and G = Q_G diag(s_G) Q_Gᵀ, the weights in the eigenbasis are W* = Q_Gᵀ W̄ Q_A (W̄ = [W, b]
 with the bias as the last input column; in patch mode one such product per kernel offset). The Fisher is diagonal in
-that basis, so removing W*_ij costs about ½·s_G,i·s_A,j·(W*_ij)² (Wang et al. 2019, eq. 11; the ½ is dropped as in
-the official code): an input direction j scores Σ_i, an output direction i scores Σ_j (summed over kernel offsets).
+that basis, so removing W*_ij costs about ½·s_G,i·s_A,j·(W*_ij)² (Wang et al. 2019: OBD in the KFE; the ½ is dropped
+as in the official code): an input direction j scores Σ_i, an output direction i scores Σ_j (summed over offsets).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ import torch
 from prunelab.pruning import kfac
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known
-from prunelab.pruning.eigendamage import train_batches
 
 CRITERIA = ("diagonal", "kron")
 OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "scope", "layers", "exclude", "min_keep")
@@ -72,7 +71,7 @@ class OBDPruning(PruningCallback):
         net = network_of(trainer.lightning_module)
         layers = {n: m for n, m in self.masks.modules.items() if n in self._eligible}
         options = dict(fisher_type=self.fisher_type, generator=self.generator, precision=trainer.precision_plugin)
-        batches = train_batches(trainer, self.fisher_batches)
+        batches = kfac.training_batches(trainer, self.fisher_batches)
         if self.criterion == "diagonal":
             fisher = kfac.collect_diagonal(net, layers, batches, **options)
             scores = {}
