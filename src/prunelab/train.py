@@ -24,6 +24,7 @@ from prunelab import budget
 from prunelab.checks import check_config
 from prunelab.dense import dense_baseline
 from prunelab.measure import LATENCY_FILE, check_options, format_table, measure
+from prunelab.models.architecture import log_description
 from prunelab.models.classifier import Classifier
 from prunelab.pruning import PruningCallback
 from prunelab.tracking import resume, sweep
@@ -111,6 +112,7 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
             mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
         if cfg.logger.log_model:
             torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
+            log_description(parts.net)  # model/architecture.json: rebuild(net, it) before loading model_state.pt
             mlflow.log_artifact(str(Path(tmp) / "model_state.pt"), "model")
             mlflow.log_artifact(str(Path(tmp) / "model_sparse.npz"), "model")
             if quantized is not None:
@@ -178,7 +180,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             dense_acc = 100.0 * dense.meta["test_acc"]
             if parts.pruning is not None:
                 test_acc = _fit_pruning(cfg, parts, logger)
-                prunable = list(parts.pruning.masks.modules)
+                prunable = parts.pruning.layer_names  # as built: a replaced layer is measured against its dense self
             else:
                 test_acc = dense_acc
                 prunable = [n for n, m in parts.net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

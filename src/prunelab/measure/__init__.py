@@ -53,7 +53,8 @@ def measure(
 ) -> tuple[dict[str, float], list[dict], dict[str, str]]:
     """Final metrics (DESIGN.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
-    ``sparsity``/``compression`` are counted on the masked model; ``params``, ``params_nonzero`` and ``macs`` on its
+    ``sparsity``/``compression`` are counted on the masked model (layers a method replaced count the weights of their
+    replacement against ``dense``'s, see :func:`layer_table`); ``params``, ``params_nonzero`` and ``macs`` on its
     compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
     ``atol``). The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
     ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
@@ -63,8 +64,8 @@ def measure(
                    "gpu": gpu, "gpu_batch_sizes": gpu_batch_sizes, "gpu_mode": gpu_mode, "gpu_dtype": gpu_dtype,
                    "channels_last": channels_last, "latency": latency, "atol": atol})
     params: dict[str, str] = {}
-    metrics = sparsity_metrics(pruned, prunable)
-    rows = layer_table(pruned, prunable)
+    metrics = sparsity_metrics(pruned, prunable, dense)
+    rows = layer_table(pruned, prunable, dense)
     modes = pruned.training, dense.training
     pruned.eval()
     dense.eval()

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from prunelab.models import architecture
+
 
 GPU_NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss record on an accelerator
 
@@ -124,3 +126,14 @@ class Classifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Put the network's replaced layers (if any) into the checkpoint, as data."""
+        description = architecture.describe(self.net)
+        if description["bottlenecks"]:
+            checkpoint[architecture.CHECKPOINT_KEY] = description
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Rebuild replaced layers before Lightning loads the weights (it calls this hook first)."""
+        if architecture.CHECKPOINT_KEY in checkpoint:
+            architecture.rebuild(self.net, checkpoint[architecture.CHECKPOINT_KEY])

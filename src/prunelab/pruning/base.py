@@ -113,6 +113,7 @@ class PruningCallback(pl.Callback):
         self.min_keep = min_keep
         self.final_sparsity = compression_to_sparsity(self.compression)
         self.masks = MaskSet()
+        self.layer_names: list[str] = []  # the pruned layers as bound, before any architecture change
         self.current_sparsity = 0.0  # last target applied by prune_to
         self.net: nn.Module | None = None
         self.example_input: torch.Tensor | None = None  # one input, for target=macs
@@ -139,6 +140,7 @@ class PruningCallback(pl.Callback):
         """Resolve the layers of ``model`` to prune and attach the masks (validates layer names)."""
         self.net = model
         modules = prunable_layers(model, self.layers, self.exclude)
+        self.layer_names = list(modules)
         all_layers = list(prunable_layers(model))
         self._eligible = {n for n in modules if self.eligible(n, all_layers.index(n), len(all_layers))}
         dependents = None
@@ -149,6 +151,13 @@ class PruningCallback(pl.Callback):
             unknown = sorted(set(self.layer_sparsity) - set(modules))
             if unknown:
                 raise ValueError(f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}")
+
+    def rebind(self, model: nn.Module) -> None:
+        """After a method replaced layers of ``model`` (:attr:`changes_architecture`): masks start over, all ones, on
+        every Conv2d/Linear the model now has, so nothing stale is masked or checkpointed; :attr:`layer_names` keeps
+        the layers as first bound."""
+        self.masks = MaskSet()
+        self.masks.bind(prunable_layers(model))
 
     def validate(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Check, before any training, that the layers exist and the target is reachable at this granularity
@@ -309,6 +318,10 @@ class PruningCallback(pl.Callback):
         """Training ended before :attr:`done`: reach the target now. Default: prune every layer to it."""
         self.prune_to(self.final_sparsity, trainer)
 
+    def achieved_sparsity(self) -> float:
+        """Fraction of the prunable weights that are gone now (``train/sparsity``): by default the masked ones."""
+        return self.masks.sparsity()
+
     @property
     def phase(self) -> str:
         return "finetune" if self.done else "prune"
@@ -364,7 +377,7 @@ class PruningCallback(pl.Callback):
         self.after_step(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl_module.log("train/sparsity", self.masks.sparsity())
+        pl_module.log("train/sparsity", self.achieved_sparsity())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.masks.restore()
@@ -419,6 +432,8 @@ class PruningCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.changes_architecture and self.net is not None:
+            self.rebind(self.net)  # the module rebuilt its layers from the checkpoint before this runs
         self.masks.load_state_dict(state_dict["masks"])
         self.current_sparsity = state_dict["current_sparsity"]
         self.final_sparsity = state_dict.get("final_sparsity", self.final_sparsity)

@@ -5,6 +5,7 @@ continues that run, after the checkpoint was checked against the configuration (
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
+from prunelab.models import architecture
 from prunelab.tracking.lifecycle import CHECKPOINT_TAG, process_tags
 from prunelab.tracking.record import run_params
 
@@ -81,6 +83,11 @@ def _load(path: str) -> dict[str, Any]:
 
 
 def _check_weights(path: str, ckpt: dict[str, Any], net: torch.nn.Module, model: str) -> None:
+    if architecture.CHECKPOINT_KEY in ckpt:  # layers a method replaced: compare with the network rebuilt as saved
+        try:
+            net = architecture.rebuild(copy.deepcopy(net), ckpt[architecture.CHECKPOINT_KEY])
+        except ValueError as exc:
+            raise ValueError(f"ckpt_path={path!r} does not fit model={model}: {exc}") from None
     saved = {k.removeprefix("net."): tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     wanted = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if saved != wanted:

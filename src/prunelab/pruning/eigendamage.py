@@ -1,0 +1,265 @@
+"""EigenDamage: structured pruning in the Kronecker-factored eigenbasis (Wang, Grosse, Fidler, Zhang; ICML 2019,
+arXiv 1905.05934; official code alecwangcq/EigenDamage-Pytorch).
+
+A round: K-FAC factors of every prunable layer from one pass over the training data (:mod:`kfac`), each layer rotated
+into the eigenbasis of its factors and its input/output eigen-directions scored by the damage their removal does
+(:mod:`kfe`), one global threshold with a per-layer cap, and every layer where it saves parameters replaced by
+``rotate_in → core → rotate_out`` (:class:`~prunelab.models.architecture.BottleneckLayer`). ``one_pass`` prunes once at
+the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune phase, each round factoring
+the bottleneck cores again and folding the new rotations into the old ones, so depth does not grow.
+
+Layers are replaced inside the fit, so the optimizer Lightning made for the old parameters is re-created through
+Lightning (``strategy.setup_optimizers``) with the learning rate, scheduler position and the optimizer state of every
+surviving parameter carried over; then the core re-binds its (all-ones) masks to the new layers. The new architecture
+travels as data in every checkpoint (the classifier's ``on_save_checkpoint``/``on_load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from prunelab.models.architecture import BottleneckLayer, replace
+from prunelab.pruning import kfac, kfe, schedules
+from prunelab.pruning.base import PruningCallback, network_of
+from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
+from prunelab.pruning.masks import prunable_layers
+
+log = logging.getLogger(__name__)
+
+MODES = ("one_pass", "iterative")
+OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
+           "recalibrate_bn", "seed", "layers", "exclude")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, batches, precision=None) -> bool:
+    """Recompute every BatchNorm's running statistics as the plain average over ``batches`` (the rest of the network
+    in eval mode); the global RNG is left as it was. Returns whether there was any BatchNorm."""
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    device, was_training, rng = next(net.parameters()).device, net.training, torch.get_rng_state()
+    momenta = [m.momentum for m in norms]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for x, _ in batches:
+            x = x.to(device)
+            net(x if precision is None else precision.convert_input(x))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        net.train(was_training)
+        torch.set_rng_state(rng)
+    return True
+
+
+def renew_optimizers(trainer: pl.Trainer) -> None:
+    """Re-create the fit's optimizers and schedulers through Lightning after parameters were replaced, carrying on the
+    learning rates, the schedulers' position and the state of every parameter that is still there."""
+    old = trainer.optimizers
+    lrs = [[group["lr"] for group in opt.param_groups] for opt in old]
+    states = [opt.state for opt in old]
+    scheduled = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
+    trainer.strategy.setup_optimizers(trainer)
+    for opt, group_lrs, state in zip(trainer.optimizers, lrs, states):
+        for group, lr in zip(opt.param_groups, group_lrs):
+            group["lr"] = lr
+            for p in group["params"]:
+                if p in state:
+                    opt.state[p] = state[p]
+    for config, saved in zip(trainer.lr_scheduler_configs, scheduled):
+        config.scheduler.load_state_dict(saved)
+
+
+class EigenDamagePruning(PruningCallback):
+    """EigenDamage to ``compression`` = dense weights of the prunable layers / their weights after replacement.
+
+    Args:
+        compression: requested ratio, met within 2 % by searching the global threshold.
+        mode: ``one_pass`` (one round at step 0, then fine-tuning) or ``iterative``.
+        rounds: rounds of ``iterative`` (round r reaches compression^(r/rounds)).
+        prune_fraction: share of the fit's steps over which ``iterative`` spreads its rounds.
+        prune_ratio_limit: largest fraction of one layer's input (or output) directions a round may drop.
+        fisher_type: ``true`` (labels sampled from the model) or ``empirical`` (the data's labels).
+        fisher_batches: training batches of one K-FAC pass (``None``: the whole training set).
+        fix_rotation: freeze ``rotate_in``/``rotate_out`` during fine-tuning (the paper's runs train them).
+        recalibrate_bn: recompute BatchNorm statistics before every later round and after the last step.
+        seed: seed of the label sampling (``None``: the run's seed).
+        layers, exclude: module names to consider / to leave alone; the classifier is never pruned.
+    """
+
+    method = "eigendamage"
+    changes_architecture = True
+
+    def __init__(self, compression: float, mode: str = "one_pass", rounds: int = 3, prune_fraction: float = 0.5,
+                 prune_ratio_limit: float = 0.99, fisher_type: str = "true", fisher_batches: int | None = None,
+                 fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None, **kwargs) -> None:
+        check_known("EigenDamage", kwargs, OPTIONS)
+        super().__init__(compression, **kwargs)
+        self.mode = check_choice("mode", mode, MODES)
+        self.rounds = check_int("rounds", rounds) if mode == "iterative" else 1
+        self.prune_fraction = check_number("prune_fraction", prune_fraction, 0.0, 1.0)
+        self.prune_ratio_limit = check_number("prune_ratio_limit", prune_ratio_limit, 0.0, 1.0, high_open=True)
+        fisher_type = "true" if fisher_type is True else fisher_type  # YAML reads an unquoted true as a boolean
+        self.fisher_type = check_choice("fisher_type", fisher_type, kfac.FISHER_TYPES)
+        self.fisher_batches = None if fisher_batches is None else check_int("fisher_batches", fisher_batches)
+        self.fix_rotation, self.recalibrate_bn = bool(fix_rotation), bool(recalibrate_bn)
+        self.seed = None if seed is None else check_int("seed", seed, 0)
+        self.rounds_done = 0
+        self.achieved = 1.0
+        self.generator: torch.Generator | None = None
+        self.candidates: list[str] = []  # original names of the layers EigenDamage may replace
+        self.dense_weights = 0
+        self._steps: list[int] = []
+        self._last_step = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, mode=self.mode, compression=self.compression)
+
+    # ----------------------------------------------------------------- what to prune
+    def bind(self, model: nn.Module) -> None:
+        super().bind(model)
+        if not self.candidates:  # the first binding sees the network as built, before any replacement
+            classifier = list(prunable_layers(model))[-1]
+            self.candidates = [n for n in self.masks.modules if n != classifier]
+            self.dense_weights = sum(kfe.weight_count(m) for m in self.masks.modules.values())
+
+    def validate(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Base checks, plus: a layer to replace exists, is a plain conv, and the target is reachable."""
+        classifier = list(prunable_layers(model))[-1]
+        if self.layers is not None and classifier in self.layers:
+            raise ValueError(f"pruning.layers names the classifier {classifier!r}; EigenDamage never prunes it")
+        trial = super().validate(model, example_input)  # binds once: candidates and dense weights are known from here on
+        modules = prunable_layers(model, self.layers, self.exclude)
+        for name in self.candidates:
+            m = modules[name]
+            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+                raise ValueError(f"EigenDamage cannot factor {name!r} (groups={m.groups}, padding_mode="
+                                 f"{m.padding_mode!r}); leave it out with pruning.exclude=[{name}]")
+        reachable = self._max_compression(modules)
+        if self.compression > reachable * 1.02:
+            raise ValueError(
+                f"pruning.compression={self.compression:g} is out of reach for EigenDamage on this model: at most "
+                f"{reachable:.2f}× with pruning.prune_ratio_limit={self.prune_ratio_limit:g} and {self.rounds} "
+                f"round(s) (outer widths do not change and the classifier {classifier!r} keeps its "
+                f"{kfe.weight_count(modules[classifier])} weights); raise prune_ratio_limit or use iterative rounds")
+        return trial
+
+    def _max_compression(self, modules: dict[str, nn.Module]) -> float:
+        """Compression with every round dropping as many directions as the cap allows (from the shapes alone)."""
+        total = sum(kfe.weight_count(m) for n, m in modules.items() if n not in self.candidates)
+        for name in self.candidates:
+            m = modules[name]
+            c, n, p, bias = m.weight.shape[1], m.weight.shape[0], m.weight[0, 0].numel(), m.bias is not None
+            k_in, k_out, params, weights = c + bias, n, kfe.param_count(m), kfe.weight_count(m)
+            for _ in range(self.rounds):
+                t_in = k_in - min(math.floor(self.prune_ratio_limit * k_in), k_in - 1)
+                t_out = k_out - min(math.floor(self.prune_ratio_limit * k_out), k_out - 1)
+                w = c * t_in + p * t_in * t_out + n * t_out
+                if w + bias * t_in < params:  # replaced only where that saves parameters
+                    k_in, k_out, params, weights = t_in, t_out, w + bias * t_in, w
+            total += weights
+        return self.dense_weights / total
+
+    # ----------------------------------------------------------------- the core's method hooks
+    def start(self, trainer: pl.Trainer) -> None:
+        total = int(trainer.estimated_stepping_batches)
+        self._last_step = total
+        self._steps = [0] if self.mode == "one_pass" else schedules.update_steps(
+            "iterative", int(self.prune_fraction * total), self.rounds)
+        if self.generator is None:
+            seed = torch.initial_seed() if self.seed is None else self.seed
+            self.generator = torch.Generator().manual_seed(seed % 2**63)
+        self._freeze_rotations(network_of(trainer.lightning_module))
+
+    def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step >= self._steps[min(self.rounds_done, len(self._steps) - 1)]:
+            replaced = self.prune_round(trainer, pl_module, final=self.rounds_done == self.rounds - 1)
+            pl_module.log("eigendamage/compression", self.achieved, on_step=False, on_epoch=True)
+            pl_module.log("eigendamage/layers_replaced", float(replaced), on_step=False, on_epoch=True)
+            pl_module.log("eigendamage/rounds_done", float(self.rounds_done), on_step=False, on_epoch=True)
+
+    @property
+    def done(self) -> bool:
+        return self.rounds_done >= self.rounds
+
+    def finalize(self, trainer: pl.Trainer | None) -> None:
+        """Training ended before the last round: go straight to the target (no fine-tuning after it)."""
+        self.prune_round(trainer, trainer.lightning_module, final=True)
+
+    def after_step(self, trainer: pl.Trainer) -> None:
+        if self.done and self.recalibrate_bn and trainer.global_step == self._last_step:
+            net = network_of(trainer.lightning_module)
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, None), trainer.precision_plugin)
+
+    # ----------------------------------------------------------------- one round
+    def prune_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> int:
+        """Factor, score, threshold and replace; ``final`` rounds aim at the target itself and must reach it.
+        Returns the number of layers replaced."""
+        net = network_of(pl_module)
+        target = self.compression if final else self.compression ** ((self.rounds_done + 1) / self.rounds)
+        limit = self.fisher_batches
+        if self.rounds_done > 0 and self.recalibrate_bn:
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin)
+        current = dict(net.named_modules())
+        layers = {n: current[n] for n in self.candidates}
+        factored = {n: m.core if isinstance(m, BottleneckLayer) else m for n, m in layers.items()}
+        factors = kfac.collect_factors(net, factored, kfac.training_batches(trainer, limit), patch=True,
+                                       fisher_type=self.fisher_type,
+                                       generator=self.generator, precision=trainer.precision_plugin)
+        kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
+        fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
+        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit)
+        if final and abs(result.compression - target) / target > 0.02:
+            raise RuntimeError(f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
+                               f"{target:g} (prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")
+        for name, (keep_in, keep_out) in result.keep.items():
+            replace(net, name, kfe.build(kfes[name], keep_in, keep_out))
+        self._freeze_rotations(net)
+        if trainer.optimizers:
+            renew_optimizers(trainer)
+        self.rebind(net)
+        self.rounds_done = self.rounds if final else self.rounds_done + 1
+        self.achieved = result.compression
+        log.info("eigendamage round %d: %d layers replaced, %d directions dropped, %.3f× (target %.3f×)",
+                 self.rounds_done, len(result.keep), result.pruned_units, result.compression, target)
+        return len(result.keep)
+
+    def _freeze_rotations(self, net: nn.Module) -> None:
+        for m in net.modules():
+            if isinstance(m, BottleneckLayer):
+                for stage in (m.rotate_in, m.rotate_out):
+                    stage.requires_grad_(not self.fix_rotation)
+
+    def achieved_sparsity(self) -> float:
+        """1 − nonzero weights of the prunable layers (replacements included) / their dense weights."""
+        if self.net is None or not self.dense_weights:
+            return 0.0
+        modules = dict(self.net.named_modules())
+        return 1.0 - sum(kfe.weight_count(modules[n], nonzero=True) for n in self.layer_names) / self.dense_weights
+
+    # ----------------------------------------------------------------- state
+    def extra_state(self) -> dict[str, Any]:
+        return {"rounds_done": self.rounds_done, "achieved": self.achieved,
+                "generator": None if self.generator is None else self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.rounds_done, self.achieved = state["rounds_done"], state["achieved"]
+        if state["generator"] is not None:
+            self.generator = torch.Generator()
+            self.generator.set_state(state["generator"])
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "granularity": "eigenbasis", "mode": self.mode,
+                "prune_ratio_limit": self.prune_ratio_limit}

@@ -1,0 +1,83 @@
+"""C-OBD and Kron-OBD filter pruning: saliencies are the OBD quadratic forms, the target is met, bad input."""
+
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from callbacks import dead_rows
+from prunelab.data import DigitsDataModule
+from prunelab.measure import measure
+from prunelab.models import LeNet5
+from prunelab.models.classifier import Classifier
+from prunelab.pruning import OBDPruning, kfac
+
+
+class Recording(OBDPruning):
+    """Keeps the saliencies it pruned by."""
+
+    def saliencies(self, trainer):
+        self.seen = super().saliencies(trainer)
+        return self.seen
+
+
+def _fit(net, pruning, epochs=1):
+    pl.seed_everything(0, workers=True)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pruning],
+                         num_sanity_val_steps=0, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(Classifier(net, 10, optimizer=partial(torch.optim.Adam, lr=1e-3)),
+                datamodule=DigitsDataModule(batch_size=128))
+
+
+def test_kron_saliency_is_half_the_kronecker_quadratic_form_of_a_removed_row():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).double()
+    net = nn.Sequential(layer, nn.ReLU(), nn.Linear(3, 2)).double()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 2, (9,))
+    f = kfac.collect_factors(net, {"0": layer}, [(x, y)], patch=False, fisher_type="empirical")["0"]
+    fisher = torch.kron(f.A, f.G)  # vec(W̄) stacks columns: index (input j, output n) → j·N + n
+    w_bar = torch.cat([layer.weight, layer.bias[:, None]], 1).detach()
+    cb = OBDPruning(compression=2, criterion="kron", fisher_type="empirical")
+    cb.bind(net)
+
+    class Trainer:  # the two things saliencies() reads from a trainer
+        lightning_module = Classifier(net, 2)
+        datamodule = type("DM", (), {"train_dataloader": staticmethod(lambda: [(x, y)])})()
+        precision_plugin = None
+
+    got = cb.saliencies(Trainer())["0"]
+    for n in range(3):
+        delta = torch.zeros_like(w_bar)
+        delta[n] = -w_bar[n]
+        vec = delta.T.reshape(-1)
+        assert got[n].item() == pytest.approx(0.5 * (vec @ fisher @ vec).item(), rel=1e-9)
+
+
+@pytest.mark.parametrize("criterion", ["diagonal", "kron"])
+def test_lowest_saliency_filters_go_and_the_target_is_met(criterion):
+    torch.manual_seed(0)
+    net, dense = LeNet5(image_size=8), LeNet5(image_size=8)
+    pruning = Recording(compression=4, criterion=criterion, fisher_batches=3)
+    _fit(net, pruning)
+    total, nonzero = pruning.masks.counts()
+    assert abs(total / nonzero - 4) / 4 < 0.02 and pruning.done
+    assert not dead_rows(pruning, "fc2").any()  # the classifier's outputs stay
+    for name in ("conv1", "conv2", "fc1"):
+        dead, scores = dead_rows(pruning, name), pruning.seen[name]
+        if dead.any() and (~dead).any():
+            assert scores[dead].max() <= scores[~dead].min()  # within a layer, the global ranking's order holds
+    metrics, _, _ = measure(net, dense, pruning.layer_names, torch.zeros(1, 1, 8, 8))
+    assert metrics["params"] < metrics["dense_params"] / 4  # pruned filters removed with their consumers' columns
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(criterion="full"), r"pruning.criterion='full' is not one of: diagonal, kron"),
+    (dict(granularity="weight"), r"Unknown OBD option\(s\) \['granularity'\]"),
+    (dict(fisher_batches=0), r"pruning.fisher_batches=0 must be an integer >= 1"),
+])
+def test_bad_input_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OBDPruning(compression=4, **kwargs)
