@@ -1,5 +1,6 @@
 """SLR pruning: step-size sequence, acceptance logic on scripted losses, no regrowth, resume, structured, bad input."""
 
+from copy import copy
 from functools import partial
 
 import pytest
@@ -150,13 +151,13 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
     kinds = ("Z", "U", "W_prev", "Z_prev")
     scalars = ("s", "k", "loss_prev", "loss_count", "accepted", "last_update")
     saved = {k: {n: t.clone() for n, t in getattr(first, k).items()} for k in kinds}
-    saved_scalars = {k: getattr(first, k) for k in scalars} | {"loss_sum": float(first.loss_sum)}
+    saved_scalars = {k: copy(getattr(first, k)) for k in scalars} | {"loss_sum": float(first.loss_sum)}
     resumed, seen = SLRPruning(**kwargs), {}
 
     class Peek(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             seen.update({k: {n: t.clone() for n, t in getattr(resumed, k).items()} for k in kinds})
-            seen.update({k: getattr(resumed, k) for k in scalars} | {"loss_sum": float(resumed.loss_sum)})
+            seen.update({k: copy(getattr(resumed, k)) for k in scalars} | {"loss_sum": float(resumed.loss_sum)})
 
     _fit(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
          ckpt_path=tmp_path / "last.ckpt", ckpt=True)
