@@ -40,7 +40,6 @@ from prunelab.pruning.schedules import cubic
 
 STES = ("leaky_relu", "identity")
 GRANULARITIES = ("weight", "filter")
-OPTIONS = ("gate_lr", "reg", "ste", "ste_slope", "prune_fraction", "exponent", *BASE_OPTIONS)
 
 
 def _tensor_state(state: Any) -> Any:
@@ -70,7 +69,7 @@ class AutoPrune(PruningCallback):
 
     method = "autoprune"
 
-    def __init__(self, compression: float, gate_lr: float = 0.02, reg: float = 0.0, ste: str = "leaky_relu",
+    def __init__(self, compression: float, gate_lr: float = 0.1, reg: float = 0.0, ste: str = "leaky_relu",
                  ste_slope: float = 0.1, prune_fraction: float = 0.5, exponent: float = 3.0, **kwargs) -> None:
         check_known("AutoPrune", kwargs, BASE_OPTIONS)
         super().__init__(compression, **kwargs)

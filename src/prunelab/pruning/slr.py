@@ -33,9 +33,6 @@ from prunelab.pruning.admm import ADMMPruning
 from prunelab.pruning.base import BASE_OPTIONS
 from prunelab.pruning.checks import check_known, check_number
 
-OPTIONS = ("rho", "initial_s", "M", "r", "update_every", "update_unit", "admm_fraction", "eval_after_hard_prune",
-           *BASE_OPTIONS)
-
 
 def step_decay(k: int, M: float, r: float) -> float:
     """α_k = 1 − 1/(M · k^(1 − k^(−r))) of the SLR step size (Bragin et al., J. Optim. Theory Appl. 2015)."""
