@@ -192,3 +192,27 @@ def test_checkpoint_state_follows_a_model_of_another_dtype(tmp_path):
                 ckpt_path=tmp_path / "last.ckpt")
     assert seen and all(dtype == torch.float64 and same for dtype, same in seen.values())
     assert resumed.done and net.fc1.weight.dtype == torch.float64
+
+
+class LossLog(MagnitudePruning):
+    """Records what the core hands to ``observe_loss``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(mode="one_shot", **kwargs)
+        self.seen = []
+
+    def observe_loss(self, trainer, loss):
+        self.seen.append((trainer.global_step, loss))
+
+
+def test_observe_loss_gets_the_loss_of_every_stepped_batch():
+    pruning, at_backward = LossLog(compression=4), []
+
+    class AtBackward(pl.Callback):
+        def on_before_backward(self, trainer, pl_module, loss):
+            at_backward.append(loss.detach().clone())
+
+    _fit(LeNet300(image_size=8), pruning, epochs=1, callbacks=[AtBackward()])
+    assert len(pruning.seen) == len(at_backward) > 5
+    assert all(not loss.requires_grad and torch.equal(loss, ref) for (_, loss), ref in zip(pruning.seen, at_backward))
+    assert [step for step, _ in pruning.seen] == list(range(1, len(at_backward) + 1))  # after the optimizer step

@@ -41,7 +41,7 @@ class ADMMPruning(PruningCallback):
         update_unit: ``steps`` (optimizer steps) or ``epochs``.
         admm_fraction: share of the fit's steps spent in the ADMM phase; the rest retrains with fixed masks.
         quantize: ``None`` or ``{bits: int | {layer: int}}`` or ``{levels_per_side: int | {layer: int}}``.
-        eval_after_hard_prune: evaluate the validation set right after the hard prune (``admm/acc_after_hard_prune``).
+        eval_after_hard_prune: validation accuracy right after the hard prune (``<method>/acc_after_hard_prune``).
         **kwargs: granularity, scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
     """
 
@@ -166,7 +166,8 @@ class ADMMPruning(PruningCallback):
             if self.eval_after_hard_prune:
                 self.acc_after_hard_prune = self.val_accuracy(trainer, pl_module)
                 if self.acc_after_hard_prune is not None:
-                    pl_module.log("admm/acc_after_hard_prune", self.acc_after_hard_prune, on_step=False, on_epoch=True)
+                    pl_module.log(f"{self.method}/acc_after_hard_prune", self.acc_after_hard_prune,
+                                  on_step=False, on_epoch=True)
         elif step % self.period == 0 and step != self.last_update:
             signals = self.admm_update()
             self.last_update = step

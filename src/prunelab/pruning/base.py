@@ -9,6 +9,7 @@ hook (Torch-Pruning splits its pruners the same way: importance, regularizer, pr
 - :meth:`transient_masks` — masks that hold for this step only (dropped weights come back exactly after the step);
 - :meth:`regularize` — gradient-side terms, after backward, before the optimizer step and before gradient masking;
 - :meth:`after_step` — after the optimizer step and the core's re-masking;
+- :meth:`observe_loss` — the training loss of the batch just stepped (detached; no host sync is forced);
 - :attr:`done` / :meth:`finalize` — whether pruning is over (masks fixed from then on), and how to reach the target
   when training ends before it is.
 
@@ -309,6 +310,9 @@ class PruningCallback(pl.Callback):
     def after_step(self, trainer: pl.Trainer) -> None:
         """After the optimizer step, transient weights restored and pruned weights re-zeroed."""
 
+    def observe_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
+        """The training loss of the batch just stepped (detached, on the model's device), after :meth:`after_step`."""
+
     @property
     def done(self) -> bool:
         """Pruning is over: masks stay fixed from here (fine-tuning)."""
@@ -375,6 +379,9 @@ class PruningCallback(pl.Callback):
         self.masks.restore()
         self.masks.apply()
         self.after_step(trainer)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if torch.is_tensor(loss):  # None when the training step skipped the batch
+            self.observe_loss(trainer, loss.detach())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.log("train/sparsity", self.achieved_sparsity())
