@@ -1,0 +1,139 @@
+"""The MLflow UI as a person comparing pruning runs meets it: the experiment's view, a saved run-list view with the
+columns and charts that compare methods, one colour per method, and ``make ui`` (``prunelab-ui``).
+
+MLflow 3.17 chooses between its GenAI view and its "Model training" view per browser, not per experiment: the toggle
+at the top of the sidebar, remembered in the browser's local storage, or ``workflowType=machine_learning`` in the
+page's URL. The ``mlflow.experimentKind`` tag is read only when that toggle is switched off, so every link prunelab
+prints carries the URL parameter, and the tag is set too for MLflow versions that read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+# Fixed colour per method, in the report and in the UI (tag mlflow.runColor): Tableau 10 in the order methods appear.
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+            "#7f7f7f")
+_KNOWN = ("magnitude", "admm", "slr", "increg", "spp", "autoprune", "eigendamage", "none")
+VIEW_ID = "prunelab-compare"
+UI_PARAMS = "workflowType=machine_learning"
+DEFAULT_URL = "http://127.0.0.1:5000"
+
+
+def method_color(method: str) -> str:
+    """Colour of a method (``"magnitude (filter)"`` has the colour of ``magnitude``)."""
+    base = method.split(" (")[0]
+    if base in _KNOWN:
+        return _PALETTE[_KNOWN.index(base)]
+    spare = _PALETTE[len(_KNOWN):]
+    return spare[int(hashlib.sha256(base.encode()).hexdigest(), 16) % len(spare)]
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+def _scatter(uuid: str, section: str, x: str) -> dict:
+    return {"uuid": uuid, "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section,
+            "deleted": False, "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"},
+            "yaxis": {"key": "test_acc", "type": "METRIC"}}
+
+
+def saved_view() -> dict:
+    """The run-list state of the saved view "prunelab: compare" (MLflow's own saved-view format)."""
+    section = f"{VIEW_ID}-charts"
+    columns = [_column("metrics", k) for k in ("test_acc", "dense_test_acc", "acc_drop", "compression",
+                                                "macs_reduction", "speedup_cpu_b1")]
+    columns += [_column("params", k) for k in ("method", "granularity", "compression_target", "dataset", "model",
+                                               "seed")]
+    columns += [_column("tags", "collapsed"), _column("attributes", "Dataset"), _column("attributes", "Models")]
+    return {
+        # sorted by a metric, the run list shows the runs of every sweep flat instead of folded under their parent
+        "searchFilter": "", "orderByKey": _column("metrics", "compression"), "orderByAsc": True,
+        "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+        "selectedColumns": columns, "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL", "useGroupedValuesInCharts": False, "isAccordionReordered": True,
+        "compareRunCharts": [_scatter(f"{VIEW_ID}-{x}", section, x)
+                             for x in ("compression", "macs_reduction", "speedup_cpu_b1")],
+        "compareRunSections": [{"uuid": section, "name": "test_acc (%) vs compression, MACs reduction, speed-up",
+                                "display": True, "isReordered": False, "deleted": False, "isGenerated": False}],
+    }
+
+
+NOTE = """prunelab runs: one per (method, compression, dataset, model, seed). A sweep is a parent run `sweep-<id>`;
+its artifact `report/accuracy.html` compares the methods (accuracy vs compression, MACs reduction, latency; mean ± std
+over seeds; collapsed runs marked). In the run list, **Views → prunelab: compare** shows the columns and the
+accuracy-vs-compression charts, one colour per method. `test_acc` is test accuracy in percent."""
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags set on every experiment prunelab creates: its kind, its description, the saved view."""
+    now = int(time.time() * 1000)
+    view = {"name": "prunelab: compare", "createdAt": now, "updatedAt": now, "state": json.dumps(saved_view())}
+    return {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": NOTE,
+            f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
+
+
+def add_missing_tags(client, experiment) -> None:
+    """Give an experiment created before these tags existed the ones it lacks (user-set values are kept)."""
+    for key, value in experiment_tags().items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def base_url(uri: str) -> str:
+    """Where the UI of the store ``uri`` is: the server itself, or ``make ui``'s address for a local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_URL
+
+
+def view_url(base: str, experiment_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_PARAMS}&viewStateShareKey={VIEW_ID}"
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_PARAMS}"
+
+
+def browse_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to look at a run: its page on the server, or ``make ui`` first for a local store."""
+    page = run_url(base_url(uri), experiment_id, run_id)
+    return page if uri.startswith(("http://", "https://")) else f"make ui, then {page}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``make ui``: add the UI tags to the store's experiments, print where to look, start ``mlflow server``."""
+    parser = argparse.ArgumentParser(prog="prunelab-ui", description=main.__doc__)
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--experiment", default="prunelab", help="experiment whose view is printed (default: prunelab)")
+    args = parser.parse_args(argv)
+    print("prunelab-ui: opening the store", flush=True)
+    from mlflow.tracking import MlflowClient
+
+    from prunelab.tracking.store import tracking_uri
+
+    uri = args.backend_store_uri or tracking_uri(None, os.environ.get("PRUNELAB_ROOT", ".") + "/outputs")
+    client = MlflowClient(tracking_uri=uri)
+    print(f"prunelab-ui: store {uri}", flush=True)
+    for experiment in client.search_experiments():
+        add_missing_tags(client, experiment)
+    base = f"http://127.0.0.1:{args.port}"
+    found = client.get_experiment_by_name(args.experiment)
+    page = view_url(base, found.experiment_id) if found else f"{base}/#/experiments?{UI_PARAMS}"
+    print(f"prunelab-ui: starting MLflow (one worker); open {page}", flush=True)
+    # One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
+    # No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port), "--workers", "1"]
+    os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    main()
