@@ -39,7 +39,8 @@ def test_two_by_two_sweep_has_one_parent_and_tagged_children(tmp_path):
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
     assert files == {f"report/{f}" for f in ("accuracy.png", "accuracy.html", "plotly.min.mjs", "table.json",
                                              "table.md")}
-    table = mlflow.load_table("report/table.json", run_ids=[parent.info.run_id])
+    table = mlflow.MlflowClient().load_table(parent.info.experiment_id, "report/table.json",
+                                             run_ids=[parent.info.run_id])
     assert sorted(table["compression_target"]) == [2, 4] and (table["seeds"] == 2).all()
     assert "| digits | lenet300 | magnitude | 4 |" in proc.stdout
 

@@ -86,8 +86,10 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
     return 100.0 * float(test["test/acc"])
 
 
-def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor) -> dict[str, float]:
-    """Measure the pruned model against the dense one; log the per-layer table, latency samples, datasets and model."""
+def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor,
+                  step: int) -> dict[str, float]:
+    """Measure the pruned model against the dense one; log the per-layer table, latency samples, datasets and model
+    (at ``step``, the last training step: the final metrics logged there are the model's in MLflow's Models view)."""
     log.info("measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
              ", latency" if cfg.measure.latency else "")
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,13 +105,13 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
             mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
         if cfg.logger.log_model:
             log.info("logging the model to MLflow")
-            model_log.log_model(parts.net, example)  # runs:/<run id>/model
+            model_log.log_model(parts.net, example, step)  # runs:/<run id>/model
             torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
             files = ["model_state.pt", "model_sparse.npz"] + (["model_quantized.npz"] if quantized is not None else [])
             for name in files:
                 mlflow.log_artifact(str(Path(tmp) / name), "weights")
     model_log.log_datasets(cfg.names.data, parts.datamodule, OmegaConf.to_container(cfg.data, resolve=True))
-    mlflow.log_metrics(rounded({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows}))
+    mlflow.log_metrics(rounded({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows}), step=step)
     return metrics
 
 
@@ -180,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                   parts.datamodule.image_size)
             metrics = {"test_acc": test_acc, "dense_test_acc": dense_acc, "acc_drop": dense_acc - test_acc}
             parts.net.cpu(), parts.dense_net.cpu()
-            metrics.update(_record_model(cfg, parts, prunable, example))
+            metrics.update(_record_model(cfg, parts, prunable, example, logger.last_step))
             verdict = collapse.check(parts.net, prunable, example, test_acc, parts.datamodule.num_classes)
             mlflow.set_tags(verdict.tags())
             metrics = rounded(metrics)

@@ -23,8 +23,10 @@ MODEL_NAME = "model"  # runs:/<run id>/model
 _DATA_KEYS_IGNORED = ("data_dir", "num_workers", "download", "batch_size")
 
 
-def log_model(net: torch.nn.Module, example_input: torch.Tensor) -> str:
+def log_model(net: torch.nn.Module, example_input: torch.Tensor, step: int = 0) -> str:
     """Log ``net`` (its weights as they are: pruned weights are zeros) as the run's MLflow model; return its URI.
+
+    Metrics the run logs at ``step`` are the model's in MLflow (its Models view shows them).
 
     The model is saved with ``torch.export`` (MLflow's ``pt2`` format): the graph travels with the weights, so it
     loads in a fresh process with torch alone, also after a method changed the architecture. A forward that
@@ -36,6 +38,7 @@ def log_model(net: torch.nn.Module, example_input: torch.Tensor) -> str:
     net.eval()  # BatchNorm and dropout as at inference, in the exported graph too
     kwargs: dict[str, Any] = {
         "name": MODEL_NAME,
+        "step": step,
         "input_example": example.numpy(),
         # given, not inferred: MLflow infers requirements by importing the model in a subprocess (~20 s per run)
         "pip_requirements": mlflow.pytorch.get_default_pip_requirements(),

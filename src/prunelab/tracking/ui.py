@@ -21,6 +21,7 @@ _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
             "#7f7f7f")
 _KNOWN = ("magnitude", "admm", "slr", "increg", "spp", "autoprune", "eigendamage", "none")
 VIEW_ID = "prunelab-compare"
+VIEW_NAME = "prunelab: accuracy vs cost"
 UI_PARAMS = "workflowType=machine_learning"
 DEFAULT_URL = "http://127.0.0.1:5000"
 
@@ -45,7 +46,7 @@ def _scatter(uuid: str, section: str, x: str) -> dict:
 
 
 def saved_view() -> dict:
-    """The run-list state of the saved view "prunelab: compare" (MLflow's own saved-view format)."""
+    """The run-list state of the saved view ``VIEW_NAME`` (MLflow's own saved-view format)."""
     section = f"{VIEW_ID}-charts"
     columns = [_column("metrics", k) for k in ("test_acc", "dense_test_acc", "acc_drop", "compression",
                                                 "macs_reduction", "speedup_cpu_b1")]
@@ -67,14 +68,14 @@ def saved_view() -> dict:
 
 NOTE = """prunelab runs: one per (method, compression, dataset, model, seed). A sweep is a parent run `sweep-<id>`;
 its artifact `report/accuracy.html` compares the methods (accuracy vs compression, MACs reduction, latency; mean ± std
-over seeds; collapsed runs marked). In the run list, **Views → prunelab: compare** shows the columns and the
+over seeds; collapsed runs marked). In the run list, **Views → prunelab: accuracy vs cost** shows the columns and the
 accuracy-vs-compression charts, one colour per method. `test_acc` is test accuracy in percent."""
 
 
 def experiment_tags() -> dict[str, str]:
     """Tags set on every experiment prunelab creates: its kind, its description, the saved view."""
     now = int(time.time() * 1000)
-    view = {"name": "prunelab: compare", "createdAt": now, "updatedAt": now, "state": json.dumps(saved_view())}
+    view = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(saved_view())}
     return {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": NOTE,
             f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
 
