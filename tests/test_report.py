@@ -94,9 +94,12 @@ def test_report_cli_takes_the_latest_sweep_into_its_own_folder(store, tmp_path, 
     report.main(["--tracking-uri", uri, "--sweep-id", "s1"])
     assert (tmp_path / "outputs" / "reports" / "s2" / "accuracy.html").exists()
     assert (tmp_path / "outputs" / "reports" / "s1" / "accuracy.html").exists()
+    report.main(["--tracking-uri", uri, "--sweep-id", "s1"])  # again: the logged table is replaced, not extended
     parent = mlflow.search_runs([exp], "tags.sweep_id = 's1' and tags.`prunelab.kind` = 'sweep'", output_format="list")
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(parent[0].info.run_id, "report")}
     assert "report/accuracy.html" in files
+    table = mlflow.MlflowClient().load_table(exp, "report/table.json", run_ids=[parent[0].info.run_id])
+    assert len(table) == 4  # 2 methods × 2 ratios
     with pytest.raises(SystemExit, match="no sweep_id='nope'"):
         report.main(["--tracking-uri", uri, "--sweep-id", "nope"])
 

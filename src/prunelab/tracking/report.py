@@ -153,8 +153,11 @@ def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id:
         if parent_run_id:
             client = mlflow.MlflowClient(tracking_uri=uri)
             client.log_figure(parent_run_id, png, "report/accuracy.png", save_kwargs={"dpi": report_figure.PNG_DPI})
-            client.log_table(parent_run_id, table, "report/table.json")
-            for name in ("accuracy.html", report_figure.PLOTLY_FILE, "table.md"):
+            logged = {a.path for a in client.list_artifacts(parent_run_id, "report")}
+            if "report/table.json" not in logged:  # log_table appends to an existing table: rebuilds replace it
+                client.log_table(parent_run_id, table, "report/table.json")
+            for name in ("accuracy.html", report_figure.PLOTLY_FILE, "table.md") + (
+                    ("table.json",) if "report/table.json" in logged else ()):
                 client.log_artifact(parent_run_id, str(folder / name), "report")
             client.log_metric(parent_run_id, "sweep_runs_finished", int((runs["status"] == "FINISHED").sum()))
             client.log_metric(parent_run_id, "sweep_runs_failed", len(failed))
