@@ -104,5 +104,13 @@ def test_report_cli_takes_the_latest_sweep_into_its_own_folder(store, tmp_path, 
         report.main(["--tracking-uri", uri, "--sweep-id", "nope"])
 
 
+def test_a_sweep_without_runs_still_gets_its_files(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.create_experiment("prunelab", artifact_location=(tmp_path / "a").as_uri())
+    result = report.build(uri, "prunelab", "none-yet", out_dir=tmp_path / "r")
+    assert result.table.empty and (tmp_path / "r" / "accuracy.png").stat().st_size > 0
+
+
 def test_pareto_ignores_nan():
     assert report.pareto(np.array([1.0, np.nan]), np.array([90.0, 99.0])).tolist() == [True, False]

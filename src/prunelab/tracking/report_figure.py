@@ -88,6 +88,9 @@ def panels(table: pd.DataFrame, dense: pd.DataFrame, pareto) -> list[Panel]:
     axes = [a for a in AXES if ok[a[0]].notna().any()] or list(AXES[:1])
     groups = sorted({(r.dataset, r.model) for r in table.itertuples() if r.seeds or r.failed})
     methods = sorted(table["method"].dropna().unique())
+    if not groups:  # no run finished or failed yet: one empty panel
+        empty = np.empty(0)
+        return [Panel(0, 0, "no finished run", AXES[0][1], True, [], None, (empty, empty), empty, 0.0)]
     out = []
     for row, (metric, axis, larger, log2) in enumerate(axes):
         for col, (dataset, model) in enumerate(groups):
@@ -229,7 +232,7 @@ def to_matplotlib(panels_: list[Panel], title: str):
     labels = sorted(handles, key=_rank)  # stable: methods keep their order
     # the title heads the legend: constrained layout places a suptitle over an "outside" legend
     fig.legend([handles[k] for k in labels], labels, loc="outside upper left", frameon=False, fontsize=9,
-               ncol=min(len(handles), max(2, 2 * cols)), title=title, alignment="left",
+               ncol=max(1, min(len(handles), 2 * cols)), title=title, alignment="left",
                title_fontproperties={"size": 12})
     return fig
 
