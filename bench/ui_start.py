@@ -1,5 +1,6 @@
-"""Start-up time of the MLflow UI: `mlflow ui` as MLflow starts it (4 workers, job runner) against `make ui`'s
-settings (1 worker, no job runner), time from the command to the first answer of /health, on an empty store.
+"""Start-up time of the MLflow UI: `mlflow ui` as MLflow starts it (4 workers, job runner) against `make ui`
+(prunelab-ui: the store's experiments get their UI tags, then `mlflow server` with 1 worker and no job runner), from
+the command to the first answer of /health, on an empty store.
 
     python bench/ui_start.py --runs 3
 """
@@ -16,18 +17,19 @@ import tempfile
 import time
 import urllib.request
 
-SETTINGS = {
-    "mlflow ui (default)": ([], {}),
-    "make ui (1 worker, no job runner)": (["--workers", "1"], {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+SETTINGS = {  # name -> command, given the store and the port
+    "mlflow ui (default: 4 workers, job runner)": lambda uri, port: [
+        "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+    "make ui (1 worker, no job runner)": lambda uri, port: [
+        "-m", "prunelab.tracking.ui", "--backend-store-uri", uri, "--port", str(port)],
 }
 
 
-def start_time(args: list[str], env: dict[str, str], port: int) -> float:
+def start_time(name: str, port: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                   "--host", "127.0.0.1", "--port", str(port), *args]
+        command = [sys.executable, *SETTINGS[name](f"sqlite:///{tmp}/mlflow.db", port)]
         start = time.perf_counter()
-        server = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             while True:
@@ -50,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
     for _ in range(args.runs):  # interleaved, so that a change of load hits both settings alike
-        for name, (extra, env) in SETTINGS.items():
-            times[name].append(start_time(extra, env, args.port))
+        for name in SETTINGS:
+            times[name].append(start_time(name, args.port))
             time.sleep(2)  # let the stopped workers go
     print("| command | start-up to /health (s), median | min | max |\n| --- | ---: | ---: | ---: |")
     for name, values in times.items():

@@ -13,8 +13,11 @@ import argparse
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Fixed colour per method, in the report and in the UI (tag mlflow.runColor): Tableau 10 in the order methods appear.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
@@ -106,34 +109,49 @@ def browse_hint(uri: str, experiment_id: str, run_id: str) -> str:
     return page if uri.startswith(("http://", "https://")) else f"make ui, then {page}"
 
 
+def _tag_and_find(uri: str, experiment: str) -> str | None:
+    """Add the UI tags to every experiment of the store; the id of ``experiment`` if it exists."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for found in client.search_experiments():
+        add_missing_tags(client, found)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else None
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``make ui``: add the UI tags to the store's experiments, print where to look, start ``mlflow server``."""
+    """``make ui``: start ``mlflow server``, add the UI tags to the store's experiments, print the page to open."""
     parser = argparse.ArgumentParser(prog="prunelab-ui", description=main.__doc__)
     parser.add_argument("--backend-store-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--experiment", default="prunelab", help="experiment whose view is printed (default: prunelab)")
     args = parser.parse_args(argv)
-    print("prunelab-ui: opening the store", flush=True)
-    from mlflow.tracking import MlflowClient
-
-    from prunelab.tracking.store import tracking_uri
-
-    uri = args.backend_store_uri or tracking_uri(None, os.environ.get("PRUNELAB_ROOT", ".") + "/outputs")
-    client = MlflowClient(tracking_uri=uri)
-    print(f"prunelab-ui: store {uri}", flush=True)
-    for experiment in client.search_experiments():
-        add_missing_tags(client, experiment)
+    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{Path(os.environ.get('PRUNELAB_ROOT', '.')).resolve() / 'outputs' / 'mlflow.db'}")
     base = f"http://127.0.0.1:{args.port}"
-    found = client.get_experiment_by_name(args.experiment)
-    page = view_url(base, found.experiment_id) if found else f"{base}/#/experiments?{UI_PARAMS}"
-    print(f"prunelab-ui: starting MLflow (one worker); open {page}", flush=True)
+    print(f"prunelab-ui: starting MLflow on {base} for {uri} (one worker, no job runner)", flush=True)
     # One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
     # No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
-    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port), "--workers", "1"]
-    os.execv(sys.executable, command)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        fresh = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+        # tagged while the server starts; a new SQLite file is left to the server (concurrent first use races on
+        # its schema migration) and has no experiment to tag anyway
+        experiment_id = None if fresh else _tag_and_find(uri, args.experiment)
+        page = view_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_PARAMS}"
+        print(f"prunelab-ui: open {page}", flush=True)
+        sys.exit(server.wait())
+    except KeyboardInterrupt:  # Ctrl-C reached the server too; let it finish
+        sys.exit(server.wait())
+    finally:
+        if server.poll() is None:  # an error here: do not leave the server behind
+            server.terminate()
+            server.wait()
 
 
 if __name__ == "__main__":
