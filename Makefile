@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+PIP := $(VENV)/bin/pip --disable-pip-version-check
 STAMP := $(VENV)/.installed
 ARGS ?=
 
@@ -15,9 +15,13 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -c constraints.txt -e '.[dev,ray]'
-	touch $(STAMP)
+	@test -x $(PY) || { echo "make venv: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "make venv: installing prunelab and its pinned dependencies (constraints.txt: torch, Lightning, MLflow, ...)"
+	@echo "make venv: the first time this downloads and unpacks several GB and takes minutes; pip lists each package"
+	set -o pipefail; $(PIP) install --progress-bar off -c constraints.txt -e '.[dev,ray]' \
+	  | { grep --line-buffered -E '^(Collecting|Installing|Successfully)' || true; }
+	@touch $(STAMP)
+	@echo "make venv: ready ($(VENV))"
 
 venv: $(STAMP) ## create the virtual environment (pinned by constraints.txt) if missing
 
@@ -33,14 +37,14 @@ test-slow: $(STAMP) ## run only the slow tests
 sweep: $(STAMP) ## the default sweep: every method × ratios 2–64 × mnist5k, digits; report on the parent run
 	$(PY) -m prunelab.train sweep=default $(ARGS)
 
-report: $(STAMP) ## rebuild a sweep's report from MLflow: make report ARGS="--sweep-id <id>" (default: all runs)
-	$(VENV)/bin/prunelab-report $(ARGS)
+report: $(STAMP) ## rebuild the latest sweep's report into outputs/reports/<sweep id>/ (ARGS="--sweep-id <id>")
+	$(PY) -m prunelab.tracking.report $(ARGS)
 
 regress: $(STAMP) ## regression gate: run the fixed grid, compare with regress/baseline.json, exit 1 on a regression
 	$(PY) -m prunelab.tracking.regress $(ARGS)
 
-ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000
-	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" --host 127.0.0.1 --port 5000
+ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000 (prints the page to open)
+	$(PY) -m prunelab.tracking.ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" $(ARGS)
 
 bench: $(STAMP) ## time `make train` with a fresh and with a cached dense baseline
 	$(PY) bench/train_time.py

@@ -220,9 +220,9 @@ def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     assert abs(metrics["compression"] - 4) / 4 < 0.02 and metrics["macs_reduction"] > 1.5
     (run,) = runs_in(tmp_path)
     assert run.data.params["granularity"] == "eigenbasis" and run.data.metrics["layer_sparsity/fc1"] > 0.5
-    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="model",
+    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
                                                  dst_path=str(tmp_path / "dl"))
-    description = json.loads((tmp_path / "dl" / "model" / "architecture.json").read_text())
+    description = json.loads((tmp_path / "dl" / "weights" / "architecture.json").read_text())
     assert "fc1" in description["bottlenecks"]
     net = rebuild(LeNet5(image_size=8), description)
     net.load_state_dict(torch.load(f"{folder}/model_state.pt"))  # strict: every rebuilt stage has its weights

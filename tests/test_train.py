@@ -1,5 +1,6 @@
 """End-to-end runs through `train(cfg)`: MLflow record, dense cache, bad input, NaN handling."""
 
+import logging
 import subprocess
 import sys
 
@@ -15,7 +16,8 @@ from prunelab.tracking.record import FINAL_METRICS
 from prunelab.train import train
 
 
-def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_path, capsys):
+def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="prunelab.progress")
     cfg = make_cfg("pruning.compression=4", "logger.log_model=true")
     metrics = train(cfg)
     (run,) = runs_in(tmp_path)
@@ -26,13 +28,26 @@ def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_pa
     p = run.data.params
     assert (p["method"], p["dataset"], p["model"], p["compression_target"], p["granularity"], p["seed"]) == (
         "magnitude", "digits", "lenet300", "4", "weight", "0")
-    assert p["pruning.mode"] == "gradual" and p["finetune.epochs"] == "2"
+    assert p["pruning.mode"] == "gradual" and p["finetune.epochs"] == "2" and p["finetune.optimizer"] == "Adam"
+    assert not [k for k in p if k.endswith(("_target_", "_partial_")) or k.startswith(("names.", "paths."))]
+    assert run.data.tags["collapsed"] == "false" and run.data.tags["mlflow.runColor"].startswith("#")
     client = mlflow.MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "sparsity_per_layer.md", "model"} <= artifacts
-    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    assert {"config.yaml", "sparsity_per_layer.md", "weights"} <= artifacts
+    val_acc = client.get_metric_history(run.info.run_id, "val/acc")
+    assert len(val_acc) == 2 and all(1.0 < m.value <= 100.0 for m in val_acc)  # percent, like test_acc
+    assert not [k for k in run.data.metrics if "test/" in k]  # one test accuracy: test_acc
+    test_acc = client.get_metric_history(run.info.run_id, "test_acc")  # dense at step 0, pruned after the last step
+    assert [m.value for m in test_acc] == [metrics["dense_test_acc"], metrics["test_acc"]]
+    assert test_acc[1].step > max(m.step for m in val_acc)
     assert len(client.get_metric_history(run.info.run_id, "train/sparsity")) == 2
-    assert "compression   requested 4.00×" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "compression   requested 4.00×" in out and "WARNING" not in out
+    assert f"make ui, then http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out
+    epochs = [r.getMessage() for r in caplog.records if r.name == "prunelab.progress"]
+    dense_epochs = 0 if run.data.tags["dense_cache_hit"] == "True" else 2
+    assert [e.split(":")[0] for e in epochs] == ["dense baseline"] * dense_epochs + ["pruning (magnitude)"] * 2
+    assert "epoch 2/2" in epochs[-1] and "val acc" in epochs[-1]
 
 
 def test_dense_baseline_trained_once_and_reused(make_cfg, tmp_path):
@@ -79,7 +94,7 @@ def test_bad_input_fails_before_any_run(make_cfg, tmp_path, override, error, mes
     [
         ("data=imagenet", r"(?s)data/imagenet.*Available options.*mnist5k"),
         ("model=alexnet", r"(?s)model/alexnet.*Available options.*lenet5"),
-        ("pruning=obd", r"(?s)pruning/obd.*Available options.*magnitude"),
+        ("pruning=lottery", r"(?s)pruning/lottery.*Available options.*magnitude"),
         ("pruning.compresion=4", r"compresion"),
     ],
 )

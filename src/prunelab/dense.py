@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from prunelab.models.classifier import Classifier
+from prunelab.progress import EpochLine
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def _train(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataMo
         net, datamodule.num_classes, optimizer=instantiate(cfg.dense.optimizer), scheduler=instantiate(cfg.dense.scheduler)
     )
     trainer = instantiate(
-        cfg.trainer, max_epochs=int(cfg.dense.epochs), logger=logger, enable_checkpointing=False, callbacks=[]
+        cfg.trainer, max_epochs=int(cfg.dense.epochs), logger=logger, enable_checkpointing=False,
+        callbacks=[EpochLine("dense baseline")],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

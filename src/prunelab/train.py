@@ -26,10 +26,11 @@ from prunelab.dense import dense_baseline
 from prunelab.measure import LATENCY_FILE, check_options, format_table, measure
 from prunelab.models.architecture import log_description
 from prunelab.models.classifier import Classifier
+from prunelab.progress import EpochLine
 from prunelab.pruning import PruningCallback
-from prunelab.tracking import resume, sweep
+from prunelab.tracking import collapse, model_log, resume, sweep, ui
 from prunelab.tracking.lifecycle import interrupted, reconcile, stop_on_signals
-from prunelab.tracking.record import run_params, summary
+from prunelab.tracking.record import rounded, run_params, summary
 from prunelab.tracking.store import RunLogger, open_experiment
 
 log = logging.getLogger(__name__)
@@ -90,14 +91,19 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, logger: RunLogger) -> float:
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, enable_version_counter=False)
     identity = resume.RunIdentity(logger.run_id, resume.identity(cfg, parts.pruning.describe()), folder)
     trainer = instantiate(cfg.trainer, max_epochs=int(cfg.finetune.epochs), logger=logger,
-                          callbacks=[parts.pruning, checkpoints, identity])
+                          callbacks=[parts.pruning, checkpoints, identity,
+                                     EpochLine(f"pruning ({parts.pruning.method})")])
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
     test = trainer.test(module, datamodule=parts.datamodule, verbose=False)[0]
     return 100.0 * float(test["test/acc"])
 
 
-def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor) -> dict[str, float]:
-    """Measure the pruned model against the dense one and log the per-layer table, latency samples and model."""
+def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: torch.Tensor,
+                  step: int) -> dict[str, float]:
+    """Measure the pruned model against the dense one; log the per-layer table, latency samples, datasets and model
+    (at ``step``, the last training step: the final metrics logged there are the model's in MLflow's Models view)."""
+    log.info("measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
+             ", latency" if cfg.measure.latency else "")
     with tempfile.TemporaryDirectory() as tmp:
         metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
                                                 **OmegaConf.to_container(cfg.measure, resolve=True))
@@ -111,13 +117,15 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
         if (Path(tmp) / LATENCY_FILE).exists():
             mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
         if cfg.logger.log_model:
+            log.info("logging the model to MLflow")
+            model_log.log_model(parts.net, example, step)  # runs:/<run id>/model
             torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
-            log_description(parts.net)  # model/architecture.json: rebuild(net, it) before loading model_state.pt
-            mlflow.log_artifact(str(Path(tmp) / "model_state.pt"), "model")
-            mlflow.log_artifact(str(Path(tmp) / "model_sparse.npz"), "model")
-            if quantized is not None:
-                mlflow.log_artifact(str(Path(tmp) / "model_quantized.npz"), "model")
-    mlflow.log_metrics({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows})
+            files = ["model_state.pt", "model_sparse.npz"] + (["model_quantized.npz"] if quantized is not None else [])
+            for name in files:
+                mlflow.log_artifact(str(Path(tmp) / name), "weights")
+            log_description(parts.net)  # weights/architecture.json: rebuild(net, it) before loading the weights
+    model_log.log_datasets(cfg.names.data, parts.datamodule, OmegaConf.to_container(cfg.data, resolve=True))
+    mlflow.log_metrics(rounded({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows}), step=step)
     return metrics
 
 
@@ -159,6 +167,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if job_sweep is not None:
             _record_failed_job(cfg, job_sweep, exc)
         raise
+    model_log.system_metrics(cfg.logger.get("system_metrics", False))
     uri, exp_id = _experiment(cfg)
     describe = parts.pruning.describe() if parts.pruning else {"method": "none", "granularity": "none"}
     params = run_params(cfg, describe)
@@ -175,10 +184,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             dense = dense_baseline(cfg, parts.dense_net, parts.datamodule,
                                    logger=RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri,
                                                     run_id=run.info.run_id, prefix="dense"))
-            mlflow.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)})
+            mlflow.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path),
+                             "mlflow.runColor": ui.method_color(params["method"])})
             parts.net.load_state_dict(dense.state_dict)
             dense_acc = 100.0 * dense.meta["test_acc"]
             if parts.pruning is not None:
+                log.info("pruning: %s to %g× in %d epochs", params["method"], float(cfg.pruning.compression),
+                         int(cfg.finetune.epochs))
                 test_acc = _fit_pruning(cfg, parts, logger)
                 prunable = parts.pruning.layer_names  # as built: a replaced layer is measured against its dense self
             else:
@@ -188,12 +200,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                   parts.datamodule.image_size)
             metrics = {"test_acc": test_acc, "dense_test_acc": dense_acc, "acc_drop": dense_acc - test_acc}
             parts.net.cpu(), parts.dense_net.cpu()
-            metrics.update(_record_model(cfg, parts, prunable, example))
-            mlflow.log_metrics(metrics)
+            metrics.update(_record_model(cfg, parts, prunable, example, logger.last_step))
+            verdict = collapse.check(parts.net, prunable, example, test_acc, parts.datamodule.num_classes)
+            mlflow.set_tags(verdict.tags())
+            metrics = rounded(metrics)
+            mlflow.log_metric("test_acc", metrics["dense_test_acc"], step=0)  # the model before pruning
+            mlflow.log_metrics(metrics, step=logger.last_step)  # final values at the last training step
         except BaseException as exc:
             _end_failed(exc)
             raise
-    print(summary(params, metrics, run.info.run_id, uri))
+    print(summary(params, metrics, run.info.run_id, uri, warning=verdict.warning,
+                  link=ui.browse_hint(uri, exp_id, run.info.run_id)))
     return metrics
 
 

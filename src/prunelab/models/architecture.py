@@ -8,7 +8,7 @@ the original did, residual additions included.
 :func:`describe` turns a network's replacements into plain JSON-able data (which layer became which bottleneck, with
 the geometry of each stage); :func:`rebuild` applies such a description to a network built from its config, so that a
 checkpoint or a saved state dict loads into it. The Lightning checkpoint carries the description under
-:data:`CHECKPOINT_KEY`; the MLflow run carries it as ``model/architecture.json`` (:func:`log_description`).
+:data:`CHECKPOINT_KEY`; the MLflow run carries it as ``weights/architecture.json`` (:func:`log_description`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def rebuild(net: nn.Module, description: dict[str, Any]) -> nn.Module:
     return net
 
 
-def log_description(net: nn.Module, artifact_file: str = "model/architecture.json") -> None:
+def log_description(net: nn.Module, artifact_file: str = "weights/architecture.json") -> None:
     """Log :func:`describe` of ``net`` to the active MLflow run, next to the model's weights."""
     import mlflow
 

@@ -15,15 +15,31 @@ FINAL_METRICS = (
 )
 
 
+# Config keys left out of the params: the fixed params name the data, model and method (``names.*`` and the groups'
+# ``_target_``), and paths and the logger's own settings describe the machine, not the experiment. config.yaml, an
+# artifact of every run, keeps everything.
+_GROUP_TARGETS = ("data", "model", "pruning", "trainer")
+_MACHINE_KEYS = ("names.", "paths.", "data.data_dir", "trainer.default_root_dir", "logger.experiment_name",
+                 "logger.tracking_uri", "logger.artifact_location", "logger.run_name")
+
+
 def flatten(cfg: DictConfig) -> dict[str, str]:
-    """Resolved config as ``{"a.b.c": "value"}`` strings, for MLflow params."""
+    """Resolved config as ``{"a.b.c": "value"}`` strings, for MLflow params.
+
+    A nested object's ``_target_`` becomes the value of its own key with the class name only
+    (``finetune.optimizer: Adam``); ``_partial_`` flags, the groups' targets and machine-specific keys are left out.
+    """
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
         if isinstance(node, dict):
+            target = node.get("_target_")
+            if target is not None and prefix not in _GROUP_TARGETS:
+                out[prefix] = str(target).rsplit(".", 1)[-1]
             for k, v in node.items():
-                walk(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
+                if k not in ("_target_", "_partial_"):
+                    walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif not prefix.startswith(_MACHINE_KEYS):
             out[prefix] = str(node)
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
@@ -43,12 +59,19 @@ def run_params(cfg: DictConfig, describe: dict[str, Any]) -> dict[str, str]:
     return {**{k: str(v) for k, v in fixed.items()}, **flatten(cfg)}
 
 
+def rounded(metrics: dict[str, float], digits: int = 6) -> dict[str, float]:
+    """Metrics to ``digits`` significant digits: float32 arithmetic leaves ``84.9999986`` for 85 %, which the UI's
+    run list shows as it is. Whole numbers (counts of params, MACs, bytes) are kept exact."""
+    return {k: v if float(v).is_integer() else float(f"{v:.{digits}g}") for k, v in metrics.items()}
+
+
 def _fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri: str) -> str:
-    """One screen: what ran, what it reached, where it is recorded."""
+def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri: str, *,
+            warning: str | None = None, link: str | None = None) -> str:
+    """One screen: what ran, what it reached, where it is recorded; ``warning`` (a collapse) gets its own line."""
     m = metrics
     lines = [
         "=" * 72,
@@ -58,6 +81,10 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
         f" compression   requested {float(params['compression_target']):.2f}×   achieved {m['compression']:.2f}×"
         f"   (sparsity {m['sparsity']:.4f})",
         f" accuracy      dense {m['dense_test_acc']:.2f}%   pruned {m['test_acc']:.2f}%   drop {m['acc_drop']:+.2f} pts",
+    ]
+    if warning:
+        lines.append(f" WARNING       {warning}")
+    lines += [
         f" params        {_fmt_int(m['params'])} total, {_fmt_int(m['params_nonzero'])} nonzero",
         f" MACs          {_fmt_int(m['macs'])} (dense {_fmt_int(m['dense_macs'])}, {m['macs_reduction']:.2f}× fewer)",
         f" bytes         stored {_fmt_int(m['bytes_stored'])} vs dense {_fmt_int(m['bytes_dense'])}"
@@ -68,5 +95,5 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
                  for b in (1, 64) if f"latency_{device}_b{b}_ms" in m and f"speedup_{device}_b{b}" in m]
         if parts:
             lines.append(f" latency {device.upper()}   " + "   ".join(parts))
-    lines += ["-" * 72, f" MLflow run {run_id}", f"   store {uri}", "   browse: make ui", "=" * 72]
+    lines += ["-" * 72, f" MLflow run {run_id}", f"   store {uri}", f"   browse: {link or 'make ui'}", "=" * 72]
     return "\n".join(lines)

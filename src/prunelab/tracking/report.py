@@ -1,13 +1,15 @@
-"""Sweep report: accuracy vs compression, vs MACs reduction and vs measured CPU latency, read back from MLflow.
+"""Sweep report: the page that compares the methods of one sweep, read back from MLflow.
 
-One line per method (mean ± std across seeds), one column of panels per dataset/model, the Pareto front marked; as
-PNG, as an interactive HTML page, and as CSV/markdown tables. ``prunelab-report --sweep-id ID`` (logs the files to
-the sweep's parent run) or ``--experiment NAME`` (every run of the experiment).
+Test accuracy vs compression, vs MACs reduction and vs measured CPU latency (``report_figure``), and the table of
+cells (dataset, model, method, requested compression): mean ± std over seeds with their count, collapsed and failed
+runs marked. Logged on the sweep's parent run under ``report/``; ``prunelab-report`` rebuilds it for the latest sweep
+or ``--sweep-id ID``, into ``outputs/reports/<sweep id>/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +18,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from prunelab.tracking import report_figure
+from prunelab.tracking.collapse import TAG as COLLAPSED_TAG
 from prunelab.tracking.sweep import KIND_TAG
 
-# x-axis metric, label, whether larger x is better
-AXES = (
-    ("compression", "compression (×)", True),
-    ("macs_reduction", "MACs reduction (×)", True),
-    ("latency_cpu_b1_ms", "CPU latency, batch 1 (ms)", False),
-)
 CELL = ["dataset", "model", "method", "compression_target"]
+_METRICS = ("test_acc", "dense_test_acc", "acc_drop", "compression", "macs_reduction", "latency_cpu_b1_ms",
+            "speedup_cpu_b1")
 
 
 @dataclass
@@ -36,12 +36,12 @@ class Report:
 
 
 def load_runs(uri: str, experiment: str, sweep_id: str | None = None) -> pd.DataFrame:
-    """Child runs (finished and failed) as one row each, with the params and metrics the report needs."""
+    """Child runs (finished and failed) as one row each, with the params, metrics and tags the report needs."""
     mlflow.set_tracking_uri(uri)
     filter_string = f"tags.sweep_id = '{sweep_id}'" if sweep_id else ""
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=filter_string, output_format="pandas")
     if runs.empty:
-        return pd.DataFrame(columns=["run_id", "status", *CELL, "seed", "test_acc"])
+        return pd.DataFrame(columns=["run_id", "status", *CELL, "seed", "collapsed", *_METRICS])
     kind = runs.get(f"tags.{KIND_TAG}", pd.Series(index=runs.index, dtype=object))
     runs = runs[kind.ne("sweep")]
     out = pd.DataFrame({"run_id": runs["run_id"], "status": runs["status"]})
@@ -51,20 +51,22 @@ def load_runs(uri: str, experiment: str, sweep_id: str | None = None) -> pd.Data
     granular = out["granularity"].fillna("weight")
     # a method's line in the report: its name, plus the granularity when structured
     out["method"] = out["method"].where(granular.isin(["weight", "none"]), out["method"] + " (" + granular + ")")
-    for name in ("test_acc", "acc_drop", "compression", "macs_reduction", "latency_cpu_b1_ms", "speedup_cpu_b1"):
+    for name in _METRICS:
         out[name] = runs.get(f"metrics.{name}", np.nan)
+    out["collapsed"] = runs.get(f"tags.{COLLAPSED_TAG}", pd.Series(index=runs.index, dtype=object)).eq("true")
     out["failure_reason"] = runs.get("tags.failure_reason")
     return out.reset_index(drop=True)
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell (dataset, model, method, requested compression): mean ± std over finished seeds, counts of
-    finished and failed runs. Cells of the dataset's method × ratio grid that have no finished run are kept, marked."""
+    """One row per cell (dataset, model, method, requested compression): mean ± std over finished seeds (``seeds``
+    of them, ``collapsed`` of which collapsed), counts of failed runs. Cells of each dataset's method × ratio grid
+    without a finished run are kept, with status ``FAILED`` or ``missing``."""
     finished = runs[runs["status"] == "FINISHED"]
     agg = finished.groupby(CELL).agg(
         test_acc=("test_acc", "mean"), test_acc_std=("test_acc", "std"), seeds=("test_acc", "size"),
-        compression=("compression", "mean"), macs_reduction=("macs_reduction", "mean"),
-        latency_cpu_b1_ms=("latency_cpu_b1_ms", "mean"),
+        collapsed=("collapsed", "sum"), compression=("compression", "mean"),
+        macs_reduction=("macs_reduction", "mean"), latency_cpu_b1_ms=("latency_cpu_b1_ms", "mean"),
     )
     failed = runs[runs["status"] != "FINISHED"].groupby(CELL).size().rename("failed")
     grid = []
@@ -74,11 +76,19 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
                 grid.append((dataset, model, method, ratio))
     index = pd.MultiIndex.from_tuples(sorted(set(grid)), names=CELL)
     table = agg.reindex(index).join(failed).reset_index()
-    table["seeds"] = table["seeds"].fillna(0).astype(int)
-    table["failed"] = table["failed"].fillna(0).astype(int)
-    table["test_acc_std"] = table["test_acc_std"].fillna(0.0).where(table["seeds"] > 0)
-    table["status"] = np.where(table["seeds"] > 0, "ok", np.where(table["failed"] > 0, "FAILED", "missing"))
+    for count in ("seeds", "failed", "collapsed"):
+        table[count] = table[count].fillna(0).astype(int)
+    table["test_acc_std"] = table["test_acc_std"].where(table["seeds"] > 1)  # no spread from one seed
+    table["status"] = np.select([table["collapsed"] > 0, table["seeds"] > 0, table["failed"] > 0],
+                                ["collapsed", "ok", "FAILED"], "missing")
     return table.sort_values(CELL).reset_index(drop=True)
+
+
+def dense_baselines(runs: pd.DataFrame) -> pd.DataFrame:
+    """Dense test accuracy per (dataset, model): mean and std over seeds (one dense model per seed) and their count."""
+    finished = runs[(runs["status"] == "FINISHED") & runs["dense_test_acc"].notna()]
+    per_seed = finished.groupby(["dataset", "model", "seed"])["dense_test_acc"].first()
+    return per_seed.groupby(["dataset", "model"]).agg(dense="mean", dense_std="std", dense_seeds="size").reset_index()
 
 
 def pareto(x: np.ndarray, y: np.ndarray, x_larger_better: bool = True) -> np.ndarray:
@@ -91,79 +101,32 @@ def pareto(x: np.ndarray, y: np.ndarray, x_larger_better: bool = True) -> np.nda
     return keep & np.isfinite(x) & np.isfinite(y)
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    lines = ["| dataset | model | method | compression | test acc (%) | achieved | MACs red. | CPU b1 (ms) | seeds | status |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+def _accuracy(r) -> str:
+    if not r.seeds:
+        return "—"
+    return f"{r.test_acc:.2f} ± {r.test_acc_std:.2f}" if r.seeds > 1 else f"{r.test_acc:.2f}"
+
+
+def display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The table as a person reads it (formatted strings), for the markdown and the HTML page."""
+    num = lambda v, f: format(v, f) if np.isfinite(v) else "—"  # noqa: E731
+    rows = []
     for r in table.itertuples():
-        acc = f"{r.test_acc:.2f} ± {r.test_acc_std:.2f}" if r.seeds else "—"
-        num = lambda v, f: format(v, f) if np.isfinite(v) else "—"  # noqa: E731
-        lines.append(f"| {r.dataset} | {r.model} | {r.method} | {r.compression_target:g} | {acc} | "
-                     f"{num(r.compression, '.2f')} | {num(r.macs_reduction, '.2f')} | {num(r.latency_cpu_b1_ms, '.3f')} "
-                     f"| {r.seeds} | {r.status}{f' ({r.failed} failed)' if r.failed else ''} |")
+        notes = [f"{r.collapsed} of {r.seeds} collapsed"] if r.collapsed else []
+        notes += [f"{r.failed} failed"] if r.failed else []
+        rows.append([r.dataset, r.model, r.method, f"{r.compression_target:g}", _accuracy(r),
+                     num(r.compression, ".2f"), num(r.macs_reduction, ".2f"), num(r.latency_cpu_b1_ms, ".3f"),
+                     str(r.seeds), r.status + (f" ({', '.join(notes)})" if notes else "")])
+    return pd.DataFrame(rows, columns=["dataset", "model", "method", "compression", "test acc (%)", "achieved",
+                                       "MACs red.", "CPU b1 (ms)", "seeds", "status"])
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    shown = display_table(table)
+    align = ["---" if c in ("dataset", "model", "method", "status") else "---:" for c in shown.columns]
+    lines = ["| " + " | ".join(shown.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def _panels(table: pd.DataFrame):
-    ok = table[table["seeds"] > 0]
-    for col, ((dataset, model), group) in enumerate(ok.groupby(["dataset", "model"])):
-        for row, (metric, label, larger) in enumerate(AXES):
-            yield row, col, f"{dataset} / {model}", metric, label, larger, group
-
-
-def plot_png(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = max(table[table["seeds"] > 0].groupby(["dataset", "model"]).ngroups, 1)
-    fig, axes = plt.subplots(len(AXES), cols, figsize=(5 * cols, 3.6 * len(AXES)), squeeze=False)
-    for row, col, title, metric, label, larger, group in _panels(table):
-        ax = axes[row][col]
-        for method, g in group.groupby("method"):
-            g = g.sort_values(metric)
-            ax.errorbar(g[metric], g["test_acc"], yerr=g["test_acc_std"], marker="o", capsize=3, label=method)
-        front = group[pareto(group[metric].to_numpy(float), group["test_acc"].to_numpy(float), larger)]
-        ax.scatter(front[metric], front["test_acc"], s=140, facecolors="none", edgecolors="k", label="Pareto front")
-        if metric != "latency_cpu_b1_ms":
-            ax.set_xscale("log", base=2)
-        ax.set(title=title if row == 0 else None, xlabel=label, ylabel="test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_html(table: pd.DataFrame, path: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    groups = table[table["seeds"] > 0].groupby(["dataset", "model"])
-    cols = max(groups.ngroups, 1)
-    titles = [f"{d} / {m}" for (d, m), _ in groups] + [""] * (cols * (len(AXES) - 1))
-    fig = make_subplots(rows=len(AXES), cols=cols, subplot_titles=titles[: cols * len(AXES)])
-    palette = {}
-    for row, col, _, metric, label, larger, group in _panels(table):
-        for method, g in group.groupby("method"):
-            g = g.sort_values(metric)
-            color = palette.setdefault(method, f"hsl({(len(palette) * 67) % 360},65%,45%)")
-            fig.add_trace(go.Scatter(
-                x=g[metric], y=g["test_acc"], error_y={"type": "data", "array": g["test_acc_std"]}, mode="lines+markers",
-                name=method, legendgroup=method, showlegend=(row == 0 and col == 0), line={"color": color},
-                customdata=np.stack([g["compression_target"], g["seeds"]], axis=-1),
-                hovertemplate=f"{method}<br>requested %{{customdata[0]}}×<br>{label}: %{{x:.3g}}<br>"
-                              "acc %{y:.2f}%<br>seeds %{customdata[1]}<extra></extra>"), row=row + 1, col=col + 1)
-        front = group[pareto(group[metric].to_numpy(float), group["test_acc"].to_numpy(float), larger)]
-        fig.add_trace(go.Scatter(x=front[metric], y=front["test_acc"], mode="markers", name="Pareto front",
-                                 legendgroup="pareto", showlegend=(row == 0 and col == 0),
-                                 marker={"size": 14, "symbol": "circle-open", "color": "black"}),
-                      row=row + 1, col=col + 1)
-        fig.update_xaxes(title_text=label, type="log" if metric != "latency_cpu_b1_ms" else "linear",
-                         row=row + 1, col=col + 1)
-        fig.update_yaxes(title_text="test accuracy (%)", row=row + 1, col=col + 1)
-    fig.update_layout(height=330 * len(AXES), width=max(520 * cols, 700), title="prunelab: accuracy vs cost")
-    fig.write_html(path, include_plotlyjs=True)  # self-contained: opens offline
 
 
 def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id: str | None = None,
@@ -175,46 +138,64 @@ def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id:
     markdown = to_markdown(table)
     failed = [f"{r.method}@{r.compression_target:g}×/{r.dataset}/seed {r.seed}" for r in runs.itertuples()
               if r.status != "FINISHED"]
+    title = f"prunelab sweep {sweep_id}" if sweep_id else f"prunelab experiment {experiment}"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        files = [folder / "accuracy.png", folder / "accuracy.html", folder / "table.csv", folder / "table.md"]
-        plot_png(table, files[0])
-        plot_html(table, files[1])
-        table.to_csv(files[2], index=False)
-        files[3].write_text(markdown + "\n")
+        panels = report_figure.panels(table, dense_baselines(runs), pareto)
+        png = report_figure.to_matplotlib(panels, title)
+        png.savefig(folder / "accuracy.png", dpi=report_figure.PNG_DPI)
+        plotly_js = report_figure.write_html(panels, title, display_table(table), folder / "accuracy.html",
+                                             parent_run_id)
+        shutil.copyfile(plotly_js, folder / report_figure.PLOTLY_FILE)
+        (folder / "table.md").write_text(markdown + "\n")
+        table.to_json(folder / "table.json", orient="split", index=False)
         if parent_run_id:
             client = mlflow.MlflowClient(tracking_uri=uri)
-            for f in files:
-                client.log_artifact(parent_run_id, str(f), "report")
+            client.log_figure(parent_run_id, png, "report/accuracy.png", save_kwargs={"dpi": report_figure.PNG_DPI})
+            logged = {a.path for a in client.list_artifacts(parent_run_id, "report")}
+            if "report/table.json" not in logged:  # log_table appends to an existing table: rebuilds replace it
+                client.log_table(parent_run_id, table, "report/table.json")
+            for name in ("accuracy.html", report_figure.PLOTLY_FILE, "table.md") + (
+                    ("table.json",) if "report/table.json" in logged else ()):
+                client.log_artifact(parent_run_id, str(folder / name), "report")
             client.log_metric(parent_run_id, "sweep_runs_finished", int((runs["status"] == "FINISHED").sum()))
             client.log_metric(parent_run_id, "sweep_runs_failed", len(failed))
-        return Report(table, markdown, failed, files if out_dir else [])
+            client.log_metric(parent_run_id, "sweep_runs_collapsed", int(runs["collapsed"].sum()))
+        report_figure.close(png)
+        files = sorted(folder.iterdir()) if out_dir else []
+        return Report(table, markdown, failed, files)
+
+
+def find_sweep(uri: str, experiment: str, sweep_id: str | None) -> tuple[str, str]:
+    """(sweep id, parent run id) of ``sweep_id``, or of the latest sweep of the experiment when ``None``."""
+    mlflow.set_tracking_uri(uri)
+    condition = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
+    parents = mlflow.search_runs(experiment_names=[experiment], output_format="list", filter_string=condition,
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    if not parents:
+        which = f"sweep_id={sweep_id!r}" if sweep_id else "sweep"
+        raise SystemExit(f"no {which} in experiment {experiment!r} at {uri}")
+    return parents[0].data.tags["sweep_id"], parents[0].info.run_id
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prunelab-report", description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep-id", help="report on one sweep and log the files to its parent run "
-                                           "(default: every run of the experiment)")
+    parser.add_argument("--sweep-id", help="the sweep to report on (default: the latest sweep of the experiment)")
     parser.add_argument("--experiment", default="prunelab", help="MLflow experiment name (default: prunelab)")
     parser.add_argument("--tracking-uri", default=None,
                         help="default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db")
-    parser.add_argument("--out", default="outputs/report", help="folder for the files (default: outputs/report)")
+    parser.add_argument("--out", default=None, help="folder for the files (default: outputs/reports/<sweep id>)")
+    parser.add_argument("--no-log", action="store_true", help="do not log the files to the sweep's parent run")
     args = parser.parse_args(argv)
     from prunelab.tracking.store import tracking_uri
 
     uri = tracking_uri(args.tracking_uri, "outputs")
-    parent = None
-    if args.sweep_id:
-        mlflow.set_tracking_uri(uri)
-        parents = mlflow.search_runs(experiment_names=[args.experiment], output_format="list",
-                                     filter_string=f"tags.sweep_id = '{args.sweep_id}' and tags.`{KIND_TAG}` = 'sweep'")
-        if not parents:
-            raise SystemExit(f"no sweep with sweep_id={args.sweep_id!r} in experiment {args.experiment!r} at {uri}")
-        parent = parents[0].info.run_id
-    report = build(uri, args.experiment, args.sweep_id, parent, args.out)
+    sweep_id, parent = find_sweep(uri, args.experiment, args.sweep_id)
+    out = Path(args.out or Path("outputs") / "reports" / sweep_id)
+    report = build(uri, args.experiment, sweep_id, None if args.no_log else parent, out)
     print(report.markdown)
-    print(f"\nfiles: {', '.join(str(f) for f in report.files)}")
+    print(f"\nsweep {sweep_id} (parent run {parent}); files in {out}: {', '.join(f.name for f in report.files)}")
 
 
 if __name__ == "__main__":

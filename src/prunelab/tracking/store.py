@@ -20,6 +20,9 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
+from prunelab.tracking.record import rounded
+from prunelab.tracking.ui import experiment_tags
+
 log = logging.getLogger(__name__)
 
 TMP_TABLE_PREFIX = "_alembic_tmp_"  # what an interrupted SQLite schema migration (alembic batch mode) leaves
@@ -197,7 +200,7 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None = None,
         if exp is not None:
             return exp.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location, tags=experiment_tags())
         except mlflow.exceptions.MlflowException:  # created meanwhile by a process on another host
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -219,5 +222,16 @@ class RunLogger(MLFlowLogger):
     pruning, test) and ``train`` ends it itself, FINISHED or FAILED.
     """
 
+    last_step = 0  # the largest step a metric was logged at
+
     def finalize(self, status: str) -> None:
         return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        """Curves as recorded: accuracies in percent like ``test_acc``, 6 significant digits, and no ``test/`` curve,
+        which would repeat the final ``test_acc`` / ``dense_test_acc`` under a second name and unit."""
+        kept = {k: float(v) * (100.0 if k.rsplit("/", 1)[-1].startswith("acc") else 1.0) for k, v in metrics.items()
+                if "test/" not in k}
+        self.last_step = max(self.last_step, step or 0)
+        if kept:
+            super().log_metrics(rounded(kept), step)

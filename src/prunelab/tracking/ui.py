@@ -1,0 +1,158 @@
+"""The MLflow UI as a person comparing pruning runs meets it: the experiment's view, a saved run-list view with the
+columns and charts that compare methods, one colour per method, and ``make ui`` (``prunelab-ui``).
+
+MLflow 3.17 chooses between its GenAI view and its "Model training" view per browser, not per experiment: the toggle
+at the top of the sidebar, remembered in the browser's local storage, or ``workflowType=machine_learning`` in the
+page's URL. The ``mlflow.experimentKind`` tag is read only when that toggle is switched off, so every link prunelab
+prints carries the URL parameter, and the tag is set too for MLflow versions that read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Fixed colour per method, in the report and in the UI (tag mlflow.runColor): Tableau 10 in the order methods appear.
+_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+            "#7f7f7f")
+_KNOWN = ("magnitude", "admm", "slr", "increg", "spp", "autoprune", "eigendamage", "none")
+VIEW_ID = "prunelab-compare"
+VIEW_NAME = "prunelab: accuracy vs cost"
+UI_PARAMS = "workflowType=machine_learning"
+DEFAULT_URL = "http://127.0.0.1:5000"
+
+
+def method_color(method: str) -> str:
+    """Colour of a method (``"magnitude (filter)"`` has the colour of ``magnitude``)."""
+    base = method.split(" (")[0]
+    if base in _KNOWN:
+        return _PALETTE[_KNOWN.index(base)]
+    spare = _PALETTE[len(_KNOWN):]
+    return spare[int(hashlib.sha256(base.encode()).hexdigest(), 16) % len(spare)]
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"
+
+
+def _scatter(uuid: str, section: str, x: str) -> dict:
+    return {"uuid": uuid, "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section,
+            "deleted": False, "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"},
+            "yaxis": {"key": "test_acc", "type": "METRIC"}}
+
+
+def saved_view() -> dict:
+    """The run-list state of the saved view ``VIEW_NAME`` (MLflow's own saved-view format)."""
+    section = f"{VIEW_ID}-charts"
+    columns = [_column("metrics", k) for k in ("test_acc", "dense_test_acc", "acc_drop", "compression",
+                                                "macs_reduction", "speedup_cpu_b1")]
+    columns += [_column("params", k) for k in ("method", "granularity", "compression_target", "dataset", "model",
+                                               "seed")]
+    columns += [_column("tags", "collapsed"), _column("attributes", "Dataset"), _column("attributes", "Models")]
+    return {
+        # sorted by a metric, the run list shows the runs of every sweep flat instead of folded under their parent
+        "searchFilter": "", "orderByKey": _column("metrics", "compression"), "orderByAsc": True,
+        "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
+        "selectedColumns": columns, "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL", "useGroupedValuesInCharts": False, "isAccordionReordered": True,
+        "compareRunCharts": [_scatter(f"{VIEW_ID}-{x}", section, x)
+                             for x in ("compression", "macs_reduction", "speedup_cpu_b1")],
+        "compareRunSections": [{"uuid": section, "name": "test_acc (%) vs compression, MACs reduction, speed-up",
+                                "display": True, "isReordered": False, "deleted": False, "isGenerated": False}],
+    }
+
+
+NOTE = """prunelab runs: one per (method, compression, dataset, model, seed). A sweep is a parent run `sweep-<id>`;
+its artifact `report/accuracy.html` compares the methods (accuracy vs compression, MACs reduction, latency; mean ± std
+over seeds; collapsed runs marked). In the run list, **Views → prunelab: accuracy vs cost** shows the columns and the
+accuracy-vs-compression charts, one colour per method. `test_acc` is test accuracy in percent."""
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags set on every experiment prunelab creates: its kind, its description, the saved view."""
+    now = int(time.time() * 1000)
+    view = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(saved_view())}
+    return {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": NOTE,
+            f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
+
+
+def add_missing_tags(client, experiment) -> None:
+    """Give an experiment created before these tags existed the ones it lacks (user-set values are kept)."""
+    for key, value in experiment_tags().items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+
+
+def base_url(uri: str) -> str:
+    """Where the UI of the store ``uri`` is: the server itself, or ``make ui``'s address for a local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_URL
+
+
+def view_url(base: str, experiment_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_PARAMS}&viewStateShareKey={VIEW_ID}"
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_PARAMS}"
+
+
+def browse_hint(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to look at a run: its page on the server, or ``make ui`` first for a local store."""
+    page = run_url(base_url(uri), experiment_id, run_id)
+    return page if uri.startswith(("http://", "https://")) else f"make ui, then {page}"
+
+
+def _tag_and_find(uri: str, experiment: str) -> str | None:
+    """Add the UI tags to every experiment of the store; the id of ``experiment`` if it exists."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for found in client.search_experiments():
+        add_missing_tags(client, found)
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``make ui``: start ``mlflow server``, add the UI tags to the store's experiments, print the page to open."""
+    parser = argparse.ArgumentParser(prog="prunelab-ui", description=main.__doc__)
+    parser.add_argument("--backend-store-uri", default=None,
+                        help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--experiment", default="prunelab", help="experiment whose view is printed (default: prunelab)")
+    args = parser.parse_args(argv)
+    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{Path(os.environ.get('PRUNELAB_ROOT', '.')).resolve() / 'outputs' / 'mlflow.db'}")
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"prunelab-ui: starting MLflow on {base} for {uri} (one worker, no job runner)", flush=True)
+    # One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
+    # No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    signal.signal(signal.SIGTERM, lambda *_: server.terminate())
+    try:
+        fresh = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+        # tagged while the server starts; a new SQLite file is left to the server (concurrent first use races on
+        # its schema migration) and has no experiment to tag anyway
+        experiment_id = None if fresh else _tag_and_find(uri, args.experiment)
+        page = view_url(base, experiment_id) if experiment_id else f"{base}/#/experiments?{UI_PARAMS}"
+        print(f"prunelab-ui: open {page}", flush=True)
+        sys.exit(server.wait())
+    except KeyboardInterrupt:  # Ctrl-C reached the server too; let it finish
+        sys.exit(server.wait())
+    finally:
+        if server.poll() is None:  # an error here: do not leave the server behind
+            server.terminate()
+            server.wait()
+
+
+if __name__ == "__main__":
+    main()
