@@ -45,21 +45,13 @@ def run_cell(cell: str, args, env: dict[str, str]) -> None:
 
 
 def load(root: Path):
-    import mlflow
+    """The recorded runs (:func:`prunelab.tracking.report.load_runs`), keyed by cell, method name and ratio."""
+    from prunelab.tracking.report import load_runs
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="pandas")
-    if runs.empty:
-        return runs
-    runs = runs[runs.get("tags.prunelab.kind", "") != "sweep"] if "tags.prunelab.kind" in runs else runs
-    out = runs[["status"]].copy()
-    out["cell"] = runs["params.dataset"] + "/" + runs["params.model"]
-    out["method"] = runs["params.method"]
-    out["ratio"] = runs["params.compression_target"].astype(float)
-    out["acc"] = runs.get("metrics.test_acc")
-    out["dense"] = runs.get("metrics.dense_test_acc")
-    out["collapsed"] = runs.get("tags.collapsed", "false").fillna("false").eq("true")
-    return out.dropna(subset=["method"])
+    runs = load_runs(f"sqlite:///{root / 'outputs' / 'mlflow.db'}", EXPERIMENT)
+    runs["cell"] = runs["dataset"] + "/" + runs["model"]
+    runs["method"] = runs["method"].str.split(" ").str[0]  # "increg (column)" → "increg"
+    return runs.rename(columns={"compression_target": "ratio", "test_acc": "acc", "dense_test_acc": "dense"})
 
 
 def table(runs, methods, ratios) -> tuple[list[str], list[str]]:

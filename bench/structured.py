@@ -89,9 +89,7 @@ def table(root: Path) -> str:
     runs = load_runs(uri, EXPERIMENT)
     extra = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="pandas")
     b64 = dict(zip(extra["run_id"], extra.get("metrics.speedup_cpu_b64", [float("nan")] * len(extra))))
-    dense = dict(zip(extra["run_id"], extra.get("metrics.dense_test_acc", [float("nan")] * len(extra))))
     runs["speedup_cpu_b64"] = runs["run_id"].map(b64)
-    runs["dense_test_acc"] = runs["run_id"].map(dense)
     failed = runs[runs["status"] != "FINISHED"]
     runs = runs[runs["status"] == "FINISHED"]
     lines = []

@@ -9,7 +9,6 @@ import logging
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -17,6 +16,21 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import Schema, TensorSpec
 
 log = logging.getLogger(__name__)
+
+
+def _import_mlflow_pytorch() -> None:
+    """``import mlflow.pytorch``, undoing what it does to the root logger: its Lightning autolog module calls
+    ``logging.basicConfig(level=ERROR)`` on import, which would hide every warning of the process from then on
+    (prunelab's own included) wherever logging was not configured yet (a library user, a test session)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    import mlflow.pytorch  # noqa: F401
+
+    root.setLevel(level)
+    root.handlers[:] = handlers
+
+
+_import_mlflow_pytorch()
 
 MODEL_NAME = "model"  # runs:/<run id>/model
 # data options that change neither the samples nor their order of splits
