@@ -1,7 +1,43 @@
-"""Lightning callbacks shared by the pruning tests."""
+"""Lightning callbacks and fit helpers shared by the pruning tests."""
+
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
+
+from prunelab.data import DigitsDataModule
+from prunelab.models.classifier import Classifier
+
+OPTIMIZERS = {
+    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
+    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
+}
+
+
+def fit_digits(net, pruning, optimizer=OPTIMIZERS["adam"], epochs=3, callbacks=(), ckpt_path=None, ckpt=False, seed=0,
+               **trainer_kwargs):
+    """Seeds, then fits ``Classifier(net)`` on the digits (batch 128, CPU) with ``pruning``; returns the trainer."""
+    pl.seed_everything(seed, workers=True)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
+                         num_sanity_val_steps=0, **trainer_kwargs)
+    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
+                ckpt_path=ckpt_path)
+    return trainer
+
+
+def same_init(model_fn, seed=0):
+    """A factory of fresh ``model_fn()`` models, all with the weights ``model_fn`` gives right after ``seed``."""
+    torch.manual_seed(seed)
+    init = model_fn().state_dict()
+
+    def fresh():
+        net = model_fn()
+        net.load_state_dict(init)
+        return net
+
+    return fresh
 
 
 def dead_rows(pruning, name: str) -> torch.Tensor:

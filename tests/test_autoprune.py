@@ -1,34 +1,14 @@
 """AutoPrune: the gates' gradient rule by hand, exact compression, recoverable gating, no regrowth, resume, bad input."""
 
-from functools import partial
-
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt, ZeroWatch
-from prunelab.data import DigitsDataModule
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
-from prunelab.models.classifier import Classifier
 from prunelab.pruning import METHODS, AutoPrune
-
-OPTIMIZERS = {
-    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
-    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
-}
-
-
-def _fit(net, pruning, optimizer=OPTIMIZERS["adam"], epochs=3, callbacks=(), ckpt_path=None, ckpt=False):
-    pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=ckpt_path)
-    return trainer
 
 
 def _compression(pruning):
@@ -102,7 +82,7 @@ def test_gate_rule_follows_autograd_and_keeps_useful_weights_open():
 def test_no_regrowth_exact_compression_and_gate_curves(opt):
     pruning = AutoPrune(compression=10)
     watch = ZeroWatch(pruning)
-    trainer = _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
+    trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
     assert pruning.phase == "finetune" and abs(_compression(pruning) - 10) / 10 < 0.02
     assert {"autoprune/open_fraction", "autoprune/mean_gate", "autoprune/reopened"} <= set(trainer.callback_metrics)
@@ -111,7 +91,7 @@ def test_no_regrowth_exact_compression_and_gate_curves(opt):
 @pytest.mark.parametrize("granularity, scope", [("weight", "layer"), ("filter", "global"), ("filter", "layer")])
 def test_granularities_and_scopes_reach_the_target(granularity, scope):
     pruning = AutoPrune(compression=3, granularity=granularity, scope=scope)
-    _fit(LeNet5(image_size=8), pruning, epochs=2)
+    fit_digits(LeNet5(image_size=8), pruning, epochs=2)
     assert abs(_compression(pruning) - 3) / 3 < 0.02 and pruning.done
 
 
@@ -153,7 +133,7 @@ class GateWatch(pl.Callback):
 def test_gates_follow_the_schedule_and_recover():
     pruning = AutoPrune(compression=8, gate_lr=0.1)
     watch = GateWatch(pruning)
-    _fit(LeNet300(image_size=8), pruning, epochs=4, callbacks=[watch])
+    fit_digits(LeNet300(image_size=8), pruning, epochs=4, callbacks=[watch])
     assert watch.steps > 10 and watch.frozen  # a gated-off weight keeps its value: recoverable
     assert watch.reopened > 0  # and some did come back
     for zeroed, target in watch.sparsity:  # the forward sees the schedule's sparsity, up to one group
@@ -162,20 +142,14 @@ def test_gates_follow_the_schedule_and_recover():
 
 def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
     kwargs = dict(compression=20, prune_fraction=0.8, gate_lr=0.1)
-    torch.manual_seed(0)
-    init = LeNet300(image_size=8).state_dict()
-
-    def fresh():
-        net = LeNet300(image_size=8)
-        net.load_state_dict(init)
-        return net
+    fresh = same_init(lambda: LeNet300(image_size=8))
 
     full = AutoPrune(**kwargs)
-    _fit(fresh(), full, epochs=4)
+    fit_digits(fresh(), full, epochs=4)
     first = AutoPrune(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
-             ckpt=True)
+        fit_digits(fresh(), first, epochs=4, ckpt=True,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
     assert first.phase == "prune" and first.gates
     gates = {n: g.clone() for n, g in first.gates.items()}
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in first.gate_optimizer().state_dict()["state"].items()}
@@ -188,8 +162,8 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
                              for i, s in resumed.gate_optimizer().state_dict()["state"].items()}
             seen["lr"] = resumed.gate_optimizer().param_groups[0]["lr"]
 
-    _fit(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
     assert all(torch.equal(seen["gates"][n], gates[n]) for n in gates)
     assert seen["lr"] == first.lr and set(seen["state"]) == set(moments)
     assert all(torch.equal(seen["state"][i][k], moments[i][k]) for i in moments for k in moments[i])

@@ -2,7 +2,6 @@
 
 import copy
 import math
-from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -11,29 +10,12 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt, ZeroWatch
-from prunelab.data import DigitsDataModule
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
 from prunelab.measure import compact
 from prunelab.models import LeNet5, LeNet300
-from prunelab.models.classifier import Classifier
 from prunelab.pruning import METHODS, IncRegPruning, groups
 
-OPTIMIZERS = {
-    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
-    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
-}
 ROOT8 = 1 / math.sqrt(8)  # Δ(1)/A for N_p = 2, u = 1/4: α = ln 8 / 2
-
-
-def _fit(net, pruning, optimizer=OPTIMIZERS["adam"], epochs=3, callbacks=(), ckpt_path=None, ckpt=False):
-    pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=ckpt_path)
-    return trainer
 
 
 def _pruned_per_layer(pruning):
@@ -97,7 +79,7 @@ def test_exact_group_counts_per_layer(granularity, compression):
     start = IncRegPruning(compression=compression, granularity=granularity)
     start.bind(copy.deepcopy(model))
     pruning = IncRegPruning(compression=compression, granularity=granularity, ramp=0.1)
-    trainer = _fit(model, pruning)
+    trainer = fit_digits(model, pruning)
     assert pruning.counts == start.layer_prune_counts()  # the allocator's counts on the starting weights
     assert pruning.done and _pruned_per_layer(pruning) == pruning.counts and sum(pruning.counts.values()) > 0
     total, nonzero = pruning.masks.counts()
@@ -121,7 +103,7 @@ def test_layer_sparsity_table_sets_the_counts():
     net = LeNet300(image_size=8)
     pruning = IncRegPruning(compression=_table_compression(net, table), layer_sparsity=table, ramp=0.1)
     pruning.validate(net)
-    _fit(net, pruning, epochs=2)
+    fit_digits(net, pruning, epochs=2)
     assert pruning.counts == {"fc2": 150, "fc3": 30} and _pruned_per_layer(pruning) == pruning.counts
     with pytest.raises(ValueError, match=r"pruning.compression=4 disagrees with pruning.layer_sparsity"):
         IncRegPruning(compression=4, layer_sparsity=table).validate(LeNet300(image_size=8))
@@ -131,7 +113,7 @@ def test_layer_sparsity_table_sets_the_counts():
 def test_no_regrowth(opt):
     pruning = IncRegPruning(compression=4, granularity="filter", ramp=0.1)
     watch = ZeroWatch(pruning)
-    _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch], epochs=2)
+    fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch], epochs=2)
     assert watch.steps > 15 and watch.violations == 0 and pruning.done
     for name, module in pruning.masks.modules.items():
         assert not module.weight[~pruning.masks.masks[name]].any()
@@ -139,7 +121,7 @@ def test_no_regrowth(opt):
 
 def test_finalize_prunes_the_rest_by_lambda_when_training_ends_first():
     pruning = IncRegPruning(compression=2, ramp=1.0)  # a rank-0 group needs the whole fit to reach λ_max
-    _fit(LeNet300(image_size=8), pruning, epochs=1)
+    fit_digits(LeNet300(image_size=8), pruning, epochs=1)
     assert pruning.done and _pruned_per_layer(pruning) == pruning.counts
     total, nonzero = pruning.masks.counts()
     assert abs(total / nonzero - 2) / 2 < 0.02
@@ -162,20 +144,14 @@ def _same(a, b):
 def test_resume_mid_prune_gives_identical_lambda_ranks_and_masks(tmp_path, rank):
     kwargs = dict(compression=2, ramp=0.15, rank=rank)
     opt = OPTIMIZERS["sgd_momentum"]
-    torch.manual_seed(0)
-    init = LeNet300(image_size=8).state_dict()
-
-    def fresh():
-        net = LeNet300(image_size=8)
-        net.load_state_dict(init)
-        return net
+    fresh = same_init(lambda: LeNet300(image_size=8))
 
     full = IncRegPruning(**kwargs)
-    _fit(fresh(), full, opt, epochs=4)
+    fit_digits(fresh(), full, opt, epochs=4)
     first = IncRegPruning(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, opt, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
-             ckpt=True)
+        fit_digits(fresh(), first, opt, epochs=4, ckpt=True,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
     assert not first.done and sum(_pruned_per_layer(first).values()) > 0  # killed mid-prune
     killed, seen = _state(first), {}
     resumed = IncRegPruning(**kwargs)
@@ -188,8 +164,8 @@ def test_resume_mid_prune_gives_identical_lambda_ranks_and_masks(tmp_path, rank)
         for m in (net := fresh()).modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.mul_(torch.rand_like(m.weight))
-    _fit(net, resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(net, resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
     _same(seen, killed)
     _same(_state(resumed), _state(full))
     assert resumed.done and full.done
@@ -201,7 +177,7 @@ def test_column_masks_leave_empty_channels_that_compaction_removes():
     table = {"conv2": 0.98, "fc1": 0.9, "fc2": 0.9}  # 10 of conv2's 500 columns left: some channels must empty
     pruning = IncRegPruning(compression=_table_compression(net, table), layer_sparsity=table, ramp=0.1)
     watch = ZeroWatch(pruning)
-    _fit(net, pruning, callbacks=[watch], epochs=2)
+    fit_digits(net, pruning, callbacks=[watch], epochs=2)
     assert watch.violations == 0 and _pruned_per_layer(pruning) == pruning.counts
     live = {n: pruning.live(n) for n in pruning.counts}  # conv2: (20 in-channels, 25), fc1, fc2: (inputs, 1)
     spatial = net.fc1.in_features // net.conv2.out_channels

@@ -1,34 +1,13 @@
 """Magnitude pruning inside a real Lightning fit: exact targets, no regrowth, bit-identical resume."""
 
-from functools import partial
-
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from callbacks import Killed, KillAt, ZeroWatch
-from prunelab.data import DigitsDataModule
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
-from prunelab.models.classifier import Classifier
 from prunelab.pruning import MagnitudePruning
-
-OPTIMIZERS = {
-    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
-    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
-}
-
-
-def _fit(net, pruning, optimizer, epochs=3, callbacks=(), ckpt_path=None, seed=0, **trainer_kwargs):
-    pl.seed_everything(seed, workers=True)
-    dm = DigitsDataModule(batch_size=128)
-    module = Classifier(net, 10, optimizer=optimizer)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=bool(trainer_kwargs.pop("ckpt", False)),
-                         callbacks=[pruning, *callbacks], num_sanity_val_steps=0, **trainer_kwargs)
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    return trainer
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -36,7 +15,7 @@ def _fit(net, pruning, optimizer, epochs=3, callbacks=(), ckpt_path=None, seed=0
 def test_pruned_weights_stay_zero_after_every_step(opt, mode):
     pruning = MagnitudePruning(compression=10, mode=mode, frequency=3, prune_fraction=0.5)
     watch = ZeroWatch(pruning)
-    _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
+    fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 20 and watch.violations == 0
     total, nonzero = pruning.masks.counts()
     assert abs(total / nonzero - 10) / 10 < 0.02
@@ -48,7 +27,7 @@ def test_pruned_weights_stay_zero_after_every_step(opt, mode):
 @pytest.mark.parametrize("granularity", ["filter", "channel", "column"])
 def test_structured_modes_reach_target_in_training(granularity):
     pruning = MagnitudePruning(compression=4, mode="iterative", rounds=3, granularity=granularity)
-    _fit(LeNet5(image_size=8), pruning, OPTIMIZERS["sgd_momentum"], epochs=3)
+    fit_digits(LeNet5(image_size=8), pruning, OPTIMIZERS["sgd_momentum"], epochs=3)
     total, nonzero = pruning.masks.counts()
     assert abs(total / nonzero - 4) / 4 < 0.02
     assert pruning.phase == "finetune"
@@ -61,21 +40,15 @@ def _masks(pruning):
 def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
     kwargs = dict(compression=20, mode="gradual", frequency=2, prune_fraction=0.8)
     opt = OPTIMIZERS["sgd_momentum"]
-    torch.manual_seed(0)
-    init = LeNet300(image_size=8).state_dict()
-
-    def fresh():
-        net = LeNet300(image_size=8)
-        net.load_state_dict(init)
-        return net
+    fresh = same_init(lambda: LeNet300(image_size=8))
 
     full = MagnitudePruning(**kwargs)
-    _fit(fresh(), full, opt, epochs=4)
+    fit_digits(fresh(), full, opt, epochs=4)
 
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     first = MagnitudePruning(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, opt, epochs=4, callbacks=[ckpt, KillAt(2)], ckpt=True)
+        fit_digits(fresh(), first, opt, epochs=4, callbacks=[ckpt, KillAt(2)], ckpt=True)
     assert 0 < first.current_sparsity < first.final_sparsity  # killed in the middle of the schedule
     saved = _masks(first)
     stored = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"][first.state_key]
@@ -88,8 +61,8 @@ def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.update(_masks(resumed))
 
-    _fit(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
     assert all(torch.equal(seen[n], saved[n]) for n in saved)  # state restored before training goes on
     final_full, final_resumed = _masks(full), _masks(resumed)
     assert all(torch.equal(final_full[n], final_resumed[n]) for n in final_full)
@@ -98,6 +71,6 @@ def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
 
 def test_layer_scope_prunes_every_layer_alike():
     pruning = MagnitudePruning(compression=5, mode="one_shot", scope="layer")
-    _fit(LeNet300(image_size=8), pruning, OPTIMIZERS["adam"], epochs=1)
+    fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS["adam"], epochs=1)
     for name, mask in pruning.masks.masks.items():
         assert abs((~mask).float().mean().item() - 0.8) < 0.01

@@ -1,7 +1,6 @@
 """SLR pruning: step-size sequence, acceptance logic on scripted losses, no regrowth, resume, structured, bad input."""
 
 from copy import copy
-from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -9,28 +8,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt, ZeroWatch
-from prunelab.data import DigitsDataModule
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
-from prunelab.models.classifier import Classifier
 from prunelab.pruning import METHODS, ADMMPruning, SLRPruning
 from prunelab.pruning.slr import step_decay
-
-OPTIMIZERS = {
-    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
-    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
-}
-
-
-def _fit(net, pruning, optimizer, epochs=3, callbacks=(), ckpt_path=None, ckpt=False):
-    pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=ckpt_path)
-    return trainer
 
 
 def _compression(pruning):
@@ -112,7 +93,7 @@ def test_acceptance_and_step_size_on_scripted_losses():
 def test_no_regrowth_and_curves(opt):
     pruning = SLRPruning(compression=10, update_every=3)
     watch = ZeroWatch(pruning)
-    trainer = _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
+    trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
     assert pruning.phase == "finetune" and abs(_compression(pruning) - 10) / 10 < 0.02
     assert pruning.k > 1 and 0.0 <= pruning.acc_after_hard_prune <= 1.0
@@ -126,27 +107,21 @@ def test_structured_granularities_reach_the_target(granularity):
     compression = 2 if granularity == "2:4" else 4
     pruning = SLRPruning(compression=compression, update_every=3, granularity=granularity)
     net = LeNet300(image_size=8) if granularity == "2:4" else LeNet5(image_size=8)  # rows a multiple of 4
-    _fit(net, pruning, OPTIMIZERS["sgd_momentum"], epochs=2)
+    fit_digits(net, pruning, OPTIMIZERS["sgd_momentum"], epochs=2)
     assert abs(_compression(pruning) - compression) / compression < 0.02 and pruning.done
 
 
 def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path):
     kwargs = dict(compression=20, update_every=4, admm_fraction=0.8)
     opt = OPTIMIZERS["sgd_momentum"]
-    torch.manual_seed(0)
-    init = LeNet300(image_size=8).state_dict()
-
-    def fresh():
-        net = LeNet300(image_size=8)
-        net.load_state_dict(init)
-        return net
+    fresh = same_init(lambda: LeNet300(image_size=8))
 
     full = SLRPruning(**kwargs)
-    _fit(fresh(), full, opt, epochs=4)
+    fit_digits(fresh(), full, opt, epochs=4)
     first = SLRPruning(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, opt, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
-             ckpt=True)
+        fit_digits(fresh(), first, opt, epochs=4, ckpt=True,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
     assert first.phase == "prune" and first.k > 2 and first.loss_count > 0  # killed mid-SLR, mid-period
     kinds = ("Z", "U", "W_prev", "Z_prev")
     scalars = ("s", "k", "loss_prev", "loss_count", "accepted", "last_update")
@@ -159,8 +134,8 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
             seen.update({k: {n: t.clone() for n, t in getattr(resumed, k).items()} for k in kinds})
             seen.update({k: copy(getattr(resumed, k)) for k in scalars} | {"loss_sum": float(resumed.loss_sum)})
 
-    _fit(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
     for k in kinds:
         assert saved[k] and all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert {k: seen[k] for k in saved_scalars} == saved_scalars

@@ -1,36 +1,17 @@
 """SPP: p by hand, exact counts, transient drops restored exactly, no regrowth, reproducible masks, resume, bad input."""
 
-from functools import partial
-
 import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt, ZeroWatch
-from prunelab.data import DigitsDataModule
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
 from prunelab.measure import compact
 from prunelab.models import LeNet5, LeNet300
-from prunelab.models.classifier import Classifier
 from prunelab.pruning import METHODS, SPPPruning, groups
 
-OPTIMIZERS = {
-    "sgd_momentum": partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
-    "adam": partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-4),
-    "adamw": partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-2),
-}
 FAST = dict(A=0.5)  # 11 steps per epoch on digits at batch 128: every layer done in about 2 epochs
-
-
-def _fit(net, pruning, optimizer=OPTIMIZERS["adam"], epochs=3, callbacks=(), ckpt_path=None, ckpt=False):
-    pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=ckpt_path)
-    return trainer
 
 
 def _tiny(rows_l1=(5.0, 1.0, 4.0, 2.0, 3.0)):
@@ -120,7 +101,7 @@ def test_exact_group_counts_and_compacted_channels(kwargs):
     net = LeNet5(image_size=8)
     pruning = SPPPruning(compression=6, **FAST, **kwargs)
     expected = _counts(pruning, net)
-    _fit(net, pruning, epochs=4)
+    fit_digits(net, pruning, epochs=4)
     assert pruning.done and pruning.counts == expected and pruning.prune_end_fraction() < 1  # ended by itself
     assert {n: pruning.pruned_count(n) for n in expected} == expected
     if "layer_sparsity" not in kwargs:
@@ -156,7 +137,7 @@ def test_target_macs_sets_the_layer_counts():
 def test_no_regrowth_while_pruning_and_after(opt):
     pruning = SPPPruning(compression=10, granularity="filter", **FAST)
     watch = ZeroWatch(pruning)
-    _fit(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
+    fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
     assert pruning.done and 0.2 < pruning.prune_end_fraction() < 1  # pruned while training, then fine-tuned
     assert abs(pruning.masks.counts()[0] / pruning.masks.counts()[1] - 10) / 10 < 0.02
@@ -190,7 +171,7 @@ def test_dropped_weights_come_back_bit_identical(mask_mode):
             seen_in_eval.append(not pruning.masks.transient and all(
                 torch.equal(m.weight != 0, pruning.masks.masks[n]) for n, m in pruning.masks.modules.items()))
 
-    _fit(LeNet300(image_size=8), pruning, callbacks=[Eval()], epochs=2)
+    fit_digits(LeNet300(image_size=8), pruning, callbacks=[Eval()], epochs=2)
     dropped_total = 0
     for before, keep, after in pruning.steps:
         for n, k in keep.items():
@@ -224,20 +205,14 @@ def test_masks_reproducible_from_the_saved_state():
 
 def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
     kwargs = dict(compression=20, granularity="filter", A=0.08, prune_interval=1, score_decay=0.9)
-    torch.manual_seed(0)
-    init = LeNet300(image_size=8).state_dict()
-
-    def fresh():
-        net = LeNet300(image_size=8)
-        net.load_state_dict(init)
-        return net
+    fresh = same_init(lambda: LeNet300(image_size=8))
 
     full = SPPPruning(**kwargs)
-    _fit(fresh(), full, epochs=4)
+    fit_digits(fresh(), full, epochs=4)
     first = SPPPruning(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
-             ckpt=True)
+        fit_digits(fresh(), first, epochs=4, ckpt=True,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
     assert not first.done and any(first.pruned_count(n) for n in first.counts)  # killed mid-prune
     saved = {k: {n: t.clone() for n, t in d.items()} for k, d in first.layer_tensors().items()}
     resumed, seen = SPPPruning(**kwargs), {}
@@ -247,8 +222,8 @@ def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
             seen.update({k: {n: t.clone() for n, t in d.items()} for k, d in resumed.layer_tensors().items()})
             seen["gen"] = resumed.gen.get_state()
 
-    _fit(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
     for k in saved:
         assert all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert torch.equal(seen["gen"], first.gen.get_state())
