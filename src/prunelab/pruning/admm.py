@@ -86,7 +86,9 @@ class ADMMPruning(PruningCallback):
         """Euclidean projection onto the sparsity constraint: keep the top groups by the exact allocator.
 
         Exact for ``weight`` granularity and within a layer (``scope=layer`` or ``layer_sparsity``); for structured
-        ``global`` scope the groups are ranked by RMS norm, the greedy order for the size-weighted knapsack.
+        ``global`` scope the groups are ranked by RMS norm, the greedy order for the size-weighted knapsack. With
+        ``scope=lamp`` LAMP scores of ``xs`` set the per-layer counts and the projection is exact within each layer
+        for those counts (the constraint set then depends on ``xs``: a projection onto its own per-layer budgets).
         Quantized layers then go to their nearest nonzero level (ADMM-NN: prune, then quantize the survivors).
         """
         masks = self.allocation(self.final_sparsity, xs)

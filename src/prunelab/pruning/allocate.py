@@ -19,7 +19,7 @@ import torch
 
 from prunelab.pruning import groups
 
-SCOPES = ("global", "layer")
+SCOPES = ("global", "layer", "lamp")
 
 
 class UnreachableCompressionError(ValueError):
@@ -55,7 +55,9 @@ def allocate(
         sparsity: requested fraction of zeros over all of ``weights``.
         granularity: see :mod:`prunelab.pruning.groups`.
         scope: ``global`` ranks groups of all layers together (scores must be comparable across layers);
-            ``layer`` prunes every eligible layer at the same ratio, chosen so the total hits the target.
+            ``layer`` prunes every eligible layer at the same ratio, chosen so the total hits the target; ``lamp``
+            ranks all layers together by LAMP scores (:func:`lamp_scores`), which are comparable across layers
+            whatever their weight scale, and never empty a layer first.
         min_keep: groups every layer keeps.
         layer_sparsity: explicit per-layer fraction of zeros (overrides ``sparsity``/``scope``, and
             ``min_keep_fraction``), as ADMM's per-layer tables.
@@ -95,13 +97,33 @@ def allocate(
                 f"pruning.min_keep_fraction={min_keep_fraction:g}" + (f", pruning.round_to={round_to}" if round_to else "")
                 + ")"
             )
-        k = _global_counts(scores, sizes, caps, needed) if scope == "global" else _uniform_counts(counts, sizes, caps, needed)
+        if scope == "layer":
+            k = _uniform_counts(counts, sizes, caps, needed)
+        else:
+            k = _global_counts(lamp_scores(scores) if scope == "lamp" else scores, sizes, caps, needed)
     if round_to:
         k = _round_counts(k, scores, counts, sizes, caps, needed, round_to)
     return {
         n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity) if n in scores else torch.ones_like(w, dtype=torch.bool)
         for n, w in weights.items()
     }
+
+
+def lamp_scores(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAMP scores (Lee, Park, Mo, Ahn, Shin; ICLR 2021, arXiv 2010.07611): in each layer, a group's squared score
+    divided by the sum of the squared scores of the groups of that layer ranked at or above it. Within a layer the
+    order is the score's; across layers the scores are scale-free, and every layer's best group scores 1, so a
+    global ranking of them spreads sparsity over the layers instead of emptying those whose weights are small."""
+    out = {}
+    for name, score in scores.items():
+        squared = score.detach().flatten().double() ** 2
+        order = torch.argsort(squared, stable=True)
+        ranked = squared[order]
+        above = torch.flip(torch.cumsum(torch.flip(ranked, [0]), 0), [0])  # Σ over this group and all above it
+        lamp = torch.empty_like(squared)
+        lamp[order] = ranked / above.clamp_min(torch.finfo(torch.float64).tiny)
+        out[name] = lamp.view_as(score)
+    return out
 
 
 def fraction_floors(layer_weights: dict[str, int], fraction: float, kept: int) -> dict[str, float]:

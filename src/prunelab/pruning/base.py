@@ -50,7 +50,8 @@ class PruningCallback(pl.Callback):
     Args:
         compression: requested ratio, prunable weights before / nonzero prunable weights after.
         granularity: ``weight``, ``filter``, ``channel``, ``column`` or N:M such as ``2:4``.
-        scope: ``global`` (rank all layers together) or ``layer`` (same ratio in every layer).
+        scope: ``global`` (rank all layers together), ``layer`` (same ratio in every layer) or ``lamp`` (rank all
+            layers together by LAMP scores, scale-free across layers).
         layers: module names of the network to prune (default: every Conv2d and Linear).
         exclude: module names to keep dense.
         layer_sparsity: explicit fraction of zeros per layer name (allocates instead of ``compression``, which must
@@ -223,14 +224,15 @@ class PruningCallback(pl.Callback):
     def calibrate(self) -> None:
         """``target=macs``: set :attr:`final_sparsity` to the parameter sparsity whose compacted masks cut MACs by
         :attr:`compression` on the current weights' ranking."""
-        self.final_sparsity, self.macs_reduction = self.search_macs()
+        self.final_sparsity, self.macs_reduction = self.search_macs(min_sparsity=self.current_sparsity)
         log.info("%s: %.2fx fewer MACs at parameter sparsity %.4f", self.method, self.macs_reduction,
                  self.final_sparsity)
 
     @torch.no_grad()
-    def search_macs(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None) -> tuple[float, float]:
-        """(parameter sparsity, MACs reduction) closest to :attr:`compression` in MACs, ranking groups by the weights
-        (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one group)."""
+    def search_macs(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None,
+                    min_sparsity: float = 0.0) -> tuple[float, float]:
+        """(parameter sparsity ≥ ``min_sparsity``, MACs reduction) closest to :attr:`compression` in MACs, ranking
+        groups by the weights (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one group)."""
         example = self.example_input
         dense = macs_target.count_macs(self.net, example)
         if steps is None:  # resolve one group of the ranking
@@ -241,7 +243,8 @@ class PruningCallback(pl.Callback):
             masks = self.allocation(sparsity, scores=scores)
             return macs_target.compacted_macs(self.net, masks, self.masks.dependents, example)
 
-        return macs_target.sparsity_for_macs(macs_at, dense, self.compression, self.max_sparsity(), steps)
+        return macs_target.sparsity_for_macs(macs_at, dense, self.compression, self.max_sparsity(), steps,
+                                             min_sparsity)
 
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:

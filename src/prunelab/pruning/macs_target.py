@@ -44,7 +44,8 @@ def compacted_macs(net: nn.Module, masks: dict[str, torch.Tensor], dependents: d
 
 
 def sparsity_for_macs(
-    macs_at: Callable[[float], int], dense_macs: int, compression: float, max_sparsity: float, steps: int = 12
+    macs_at: Callable[[float], int], dense_macs: int, compression: float, max_sparsity: float, steps: int = 12,
+    min_sparsity: float = 0.0,
 ) -> tuple[float, float]:
     """Parameter sparsity whose MACs reduction is closest to ``compression``, and that reduction.
 
@@ -58,6 +59,8 @@ def sparsity_for_macs(
         compression: requested dense MACs / pruned MACs.
         max_sparsity: the largest sparsity the allocation accepts.
         steps: bisection steps (enough to resolve one group: about log2 of the number of groups).
+        min_sparsity: the lowest sparsity to consider (a schedule that already pruned this much: weights it zeroed
+            count as removed in ``macs_at``, but a lower sparsity would unmask them and let them grow back).
 
     Raises:
         ValueError: even ``max_sparsity`` does not reach the requested MACs reduction.
@@ -69,7 +72,7 @@ def sparsity_for_macs(
             f"pruning.compression={compression:g} with pruning.target=macs cannot be reached: pruning every group "
             f"this granularity allows leaves {dense_macs / hi_macs:.2f}× fewer MACs"
         )
-    lo, hi = 0.0, max_sparsity
+    lo, hi = min(min_sparsity, max_sparsity), max_sparsity
     best = (abs(hi_macs - target), hi, hi_macs)
     for _ in range(steps):
         mid = (lo + hi) / 2
