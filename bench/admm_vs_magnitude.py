@@ -43,6 +43,24 @@ def compose(overrides: list[str], run_dir: Path):
     return cfg
 
 
+def private_root(path: str) -> Path:
+    """Record into ``path`` (PRUNELAB_ROOT: store, dense-baseline cache, run folders), quietly: in-process runs of
+    the benchmarks print their own table, not every library's warnings."""
+    import logging
+    import warnings
+
+    from prunelab.train import _quiet_libraries
+
+    root = Path(path).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["PRUNELAB_ROOT"] = str(root)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    _quiet_libraries()
+    logging.getLogger("prunelab").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    return root
+
+
 def run(overrides: list[str], root: Path) -> tuple[dict[str, float], object]:
     """One real run; returns its metrics and the pruning callback it used."""
     import prunelab.train as entry
@@ -127,18 +145,7 @@ def main() -> None:
     if args.quick:
         args.ratios, args.seeds = [4, 32], [0]
     args.ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
-    root = Path(args.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ["PRUNELAB_ROOT"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    import logging
-    import warnings
-
-    from prunelab.train import _quiet_libraries
-
-    _quiet_libraries()
-    logging.getLogger("prunelab").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    root = private_root(args.root)
     start = time.perf_counter()
     quantized_check(args, root) if args.quantized else accuracy_table(args, root)
     print(f"({time.perf_counter() - start:.0f} s)")

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from admm_vs_magnitude import compose  # noqa: E402  (the same Hydra composition as the other benchmarks)
+from admm_vs_magnitude import compose, private_root  # noqa: E402  (the same Hydra composition as the other benchmarks)
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = {"mnist5k/lenet5": (8, 16), "digits/lenet300": (4, 8), "mnist5k/lenet5_classic": (8,)}
@@ -100,18 +99,7 @@ def main() -> None:
         CELLS.update({cell: ratios[:1] for cell, ratios in CELLS.items()})
     if args.ratios:
         args.ratios = [int(r) if float(r).is_integer() else r for r in args.ratios]
-    root = Path(args.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ["PRUNELAB_ROOT"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    import logging
-    import warnings
-
-    from prunelab.train import _quiet_libraries
-
-    _quiet_libraries()
-    logging.getLogger("prunelab").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    root = private_root(args.root)
     start = time.perf_counter()
     table(args, root)
     print(f"({time.perf_counter() - start:.0f} s)")
