@@ -51,3 +51,11 @@ def test_gate_passes_unchanged_and_fails_weakened(tmp_path):
     assert weak.returncode == 1, weak.stdout + weak.stderr[-3000:]
     assert "digits/lenet300/magnitude/32 |" in weak.stdout and "REGRESSED" in weak.stdout
     assert "FAIL" in weak.stdout and "digits/lenet300/magnitude/32" in weak.stdout.split("FAIL")[1]
+
+
+def test_one_wild_cell_does_not_widen_every_band():
+    from prunelab.tracking.regress import noise_floor
+
+    assert noise_floor([0.1, 0.2, 0.3, 35.0]) == 0.5  # median 0.25 → 0.5, not the wild cell's 35
+    assert noise_floor([0.4, 0.5, 0.6, 35.0]) == pytest.approx(1.1)  # 2 × median 0.55, rounded up to 0.1
+    assert noise_floor([]) == 0.5

@@ -43,7 +43,7 @@ def test_parallel_sweep_on_the_postgresql_server_loses_nothing(server, tmp_path)
         assert len(client.get_metric_history(child.info.run_id, "val/acc")) == 2
         # artifacts went through the server (mlflow-artifacts:/), not to this machine's outputs/
         assert child.info.artifact_uri.startswith("mlflow-artifacts:/")
-        assert {"config.yaml", "model"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"config.yaml", "weights"} <= {a.path for a in client.list_artifacts(child.info.run_id)}
 
 
 def test_parallel_first_use_of_a_fresh_postgresql_database(tmp_path):

@@ -97,6 +97,13 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def noise_floor(stds: list[float]) -> float:
+    """The band's floor: twice the median seed std of the grid's cells, rounded up to 0.1, at least 0.5. The median,
+    not the largest: one cell whose seeds disagree wildly (a method near its limit) widens its own band (2 × its
+    std), not every other cell's."""
+    return max(0.5, float(np.ceil(2 * np.median(stds) * 10) / 10)) if stds else 0.5
+
+
 def noise_report(now: dict[str, dict], floor: float) -> str:
     """Markdown written next to the baseline: the seed noise that sets the floor."""
     stds = [c["std"] for c in now.values() if c["n"] > 1]
@@ -111,7 +118,8 @@ def noise_report(now: dict[str, dict], floor: float) -> str:
         lines += ["", f"Seed std across cells: median {np.median(stds):.2f}, max {np.max(stds):.2f} points.",
                   f"Floor of the band: {floor:.2f} points (the band is max(2 × cell std, floor)). A cell whose seeds "
                   "happen to agree closely would otherwise get a band narrower than the noise seen elsewhere in the "
-                  "grid; the floor is the largest seed std measured here, rounded up to 0.1, and at least 0.5."]
+                  "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 (one "
+                  "cell whose seeds disagree wildly widens its own band, not the others')."]
     return "\n".join(lines) + "\n"
 
 
@@ -134,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     table = compare(old, now)
     print(f"sweep {sweep_id}\n\n{format_table(table)}\n")
     if args.update:
-        stds = [c["std"] for c in now.values() if c["n"] > 1]
-        floor = max(0.5, float(np.ceil(max(stds, default=0.0) * 10) / 10))
+        floor = noise_floor([c["std"] for c in now.values() if c["n"] > 1])
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
         args.baseline.write_text(json.dumps({"floor": floor, "sweep_id": sweep_id, "overrides": args.overrides,
                                              "cells": now}, indent=2, sort_keys=True) + "\n")
