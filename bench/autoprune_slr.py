@@ -3,6 +3,7 @@
     python bench/autoprune_slr.py                          # 16/64/128/310×, seeds 0-2, 4 methods: 48 runs
     python bench/autoprune_slr.py --ratios 64 --seeds 0    # one cell per method
     python bench/autoprune_slr.py --jobs 4                 # parallel jobs of the joblib launcher
+    python bench/autoprune_slr.py --root R --report        # the tables again from the runs recorded under R
 
 The grid runs through the real CLI as one Hydra multirun with the joblib launcher
 (``hydra/launcher=local_parallel num_threads=1``) in a fresh PRUNELAB_ROOT; the table is read back from MLflow:
@@ -60,7 +61,7 @@ def results(root: Path) -> dict[tuple[str, float], dict[str, list[float]]]:
         cell["compression"].append(metrics["compression"])
         key = f"{params['method']}/acc_after_hard_prune"
         if key in metrics:
-            cell["hard_prune"].append(100.0 * metrics[key])
+            cell["hard_prune"].append(metrics[key])  # percent, as every accuracy in MLflow
     return cells
 
 
@@ -101,14 +102,18 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="finetune.epochs, the same for every method")
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs (PRUNELAB_JOBS)")
     parser.add_argument("--root", default=None, help="PRUNELAB_ROOT (default: a fresh temporary folder)")
+    parser.add_argument("--report", action="store_true", help="only print the tables of the runs in --root")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    if args.report and not args.root:
+        raise SystemExit("--report reads the runs of an earlier --root")
     with tempfile.TemporaryDirectory(prefix="bench_autoprune_slr_") as tmp:
         root = Path(args.root).resolve() if args.root else Path(tmp)
-        seconds = sweep(args, root)
+        seconds = 0.0 if args.report else sweep(args, root)
         print_tables(args, results(root))
-    print(f"\n({len(args.methods) * len(args.ratios) * len(args.seeds)} jobs, {args.jobs} at a time, "
-          f"{seconds / 60:.0f} min)")
+    if not args.report:
+        print(f"\n({len(args.methods) * len(args.ratios) * len(args.seeds)} jobs, {args.jobs} at a time, "
+              f"{seconds / 60:.0f} min)")
 
 
 if __name__ == "__main__":
