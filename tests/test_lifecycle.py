@@ -21,9 +21,20 @@ RUN = ["data=mnist5k", "model=lenet5", "dense.epochs=1", "finetune.epochs=3", "l
        "measure.latency=false"]
 
 
-def _start(root: Path, cache_root: Path, *overrides: str) -> subprocess.Popen:
+# the CLI, SIGKILLing itself at the worst moment of a fit: the first epoch's checkpoint is written (Lightning saves
+# it in on_train_epoch_end), the epoch's training metrics are not logged yet (update_train_epoch_metrics comes after)
+_KILLED_BETWEEN_CHECKPOINT_AND_LOG = """
+import os, runpy, signal
+from pytorch_lightning.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+_LoggerConnector.update_train_epoch_metrics = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+runpy.run_module("prunelab.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _start(root: Path, cache_root: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "prunelab.train")
+           ) -> subprocess.Popen:
     """The CLI run of RUN recording into ``root``'s store, its checkpoints in ``root/job/checkpoints``."""
-    return subprocess.Popen([sys.executable, "-m", "prunelab.train", *RUN, *overrides, f"paths.root_dir={root}",
+    return subprocess.Popen([sys.executable, *entry, *RUN, *overrides, f"paths.root_dir={root}",
                              f"paths.cache_dir={cache_root}", f"hydra.run.dir={root / 'job'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -63,10 +74,10 @@ def dense_cached(make_cfg, cache_root):
     dense_baseline(cfg, parts.dense_net, parts.datamodule)
 
 
-def _steps(uri: str, run_id: str) -> dict[str, set[int]]:
+def _curves(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     client = mlflow.MlflowClient(tracking_uri=uri)
-    keys = ("train/loss", "val/acc", "train/sparsity")
-    return {k: {m.step for m in client.get_metric_history(run_id, k)} for k in keys}
+    keys = ("train/loss", "val/acc", "train/sparsity", "epoch")
+    return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
 
 
 def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cached, make_cfg, cache_root,
@@ -77,11 +88,10 @@ def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cac
     os.environ.pop("MLFLOW_TRACKING_URI")
     (ref_run,) = mlflow.search_runs(experiment_names=["prunelab"], output_format="list")
 
-    proc = _start(tmp_path, cache_root)
+    proc = _start(tmp_path, cache_root, entry=("-c", _KILLED_BETWEEN_CHECKPOINT_AND_LOG))
     ckpts = tmp_path / "job" / "checkpoints"
-    _wait_for_epoch(proc, ckpts)
-    proc.kill()
-    proc.wait()
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] > 0  # resumes mid-fit, not from 0
     assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
     (run,) = runs_in(tmp_path)
@@ -97,7 +107,9 @@ def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cac
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert "failure_reason" not in resumed.data.tags and resumed.data.tags["prunelab.resumes"] == "1"
     assert resumed.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
-    assert _steps(mlflow.get_tracking_uri(), run.info.run_id) == _steps(ref_uri, ref_run.info.run_id)
+    curves, ref_curves = _curves(mlflow.get_tracking_uri(), run.info.run_id), _curves(ref_uri, ref_run.info.run_id)
+    assert {k: c.keys() for k, c in curves.items()} == {k: c.keys() for k, c in ref_curves.items()}
+    assert all(curves[k][s] == pytest.approx(v, rel=1e-5) for k, c in ref_curves.items() for s, v in c.items())
     reference, resumed_masks = _masks(tmp_path / "run" / "checkpoints" / "last.ckpt"), _masks(ckpts / "last.ckpt")
     assert reference.keys() == resumed_masks.keys()
     assert sum(int((~m).sum()) for m in reference.values()) > 0  # the final masks, not the fit's first ones

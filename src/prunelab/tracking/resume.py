@@ -29,6 +29,7 @@ _IDENTITY_PREFIXES = ("pruning.", "finetune.", "dense.", "model.", "data.")
 _IDENTITY_KEYS = ("method", "dataset", "model", "compression_target", "granularity", "seed", "trainer.precision")
 _FREE_DATA_KEYS = ("data.data_dir", "data.num_workers", "data.download")
 RESUMES_TAG = "prunelab.resumes"
+PENDING_KEY = "prunelab.pending_metrics"  # checkpoint entry: an epoch's metrics not yet logged when it was saved
 
 
 def identity(cfg: DictConfig, describe: dict[str, Any]) -> dict[str, str]:
@@ -40,11 +41,18 @@ def identity(cfg: DictConfig, describe: dict[str, Any]) -> dict[str, str]:
 
 class RunIdentity(pl.Callback):
     """Puts the MLflow run id and the run's :func:`identity` into every checkpoint. When a fit starts from
-    scratch it also writes ``last.ckpt`` at once, so a run stopped before its first epoch ends can resume too."""
+    scratch it also writes ``last.ckpt`` at once, so a run stopped before its first epoch ends can resume too.
+
+    Lightning saves the epoch's checkpoint in ``on_train_epoch_end`` but sends that epoch's training metrics to
+    the logger only afterwards; a process killed in between would resume past an epoch whose curves never reached
+    MLflow. So a checkpoint written at an epoch's end also carries those pending metrics, and a resume logs the ones
+    the run lacks at their step."""
 
     def __init__(self, run_id: str, ident: dict[str, str], checkpoint_dir: str | Path) -> None:
         self.run_id, self.identity = run_id, ident
         self.last = Path(checkpoint_dir) / "last.ckpt"
+        self._at_epoch_end = False
+        self._pending: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -56,10 +64,39 @@ class RunIdentity(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # the run id is decided before the fit, by check_checkpoint + start_run
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._at_epoch_end = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._at_epoch_end = True  # ModelCheckpoint (a monitoring callback) saves after every other hook of here
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if self._at_epoch_end:
+            # what update_train_epoch_metrics() will log once the checkpoint is written, at the same step
+            pending = {k: float(v) for k, v in trainer._logger_connector.metrics["log"].items()}
+            pending.setdefault("epoch", float(trainer.current_epoch))
+            checkpoint[PENDING_KEY] = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1,
+                                       "metrics": pending}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._pending = checkpoint.get(PENDING_KEY)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is None:
             trainer.save_checkpoint(self.last)
-        mlflow.MlflowClient().set_tag(self.run_id, CHECKPOINT_TAG, str(self.last))
+        client = mlflow.MlflowClient()
+        client.set_tag(self.run_id, CHECKPOINT_TAG, str(self.last))
+        if self._pending:
+            step = self._pending["step"]
+            missing = {k: v for k, v in self._pending["metrics"].items()
+                       if step not in {m.step for m in client.get_metric_history(self.run_id, k)}}
+            if missing:
+                log.info("logging %d metrics of step %d that the stopped process did not send", len(missing), step)
+                for logger in trainer.loggers:
+                    logger.log_metrics(missing, step=step)
+            self._pending = None
 
 
 @dataclass(frozen=True)
