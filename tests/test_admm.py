@@ -68,7 +68,7 @@ def test_z_u_update_and_gradient_by_hand():
     net = nn.Sequential(nn.Linear(4, 2, bias=False))
     w = torch.tensor([[0.5, -2.0, 1.0, 0.1], [3.0, -0.2, 0.4, -1.5]])
     net[0].weight.data.copy_(w)
-    cb = ADMMPruning(compression=2, rho=0.5)  # keep 4 of 8
+    cb = ADMMPruning(compression=2, rho=0.5, rho_growth=1.0)  # keep 4 of 8; ρ fixed (the paper)
     cb.bind(net)
     cb.init_admm()
     assert torch.equal(cb.Z["0"], torch.tensor([[0.0, -2.0, 1.0, 0.0], [3.0, 0.0, 0.0, -1.5]]))  # Π(W)
@@ -89,6 +89,27 @@ def test_z_u_update_and_gradient_by_hand():
     grow.U["0"] = torch.tensor([[0.1, 0.1, -0.5, 0.0], [0.0, 0.0, 0.0, 0.2]])
     assert grow.admm_update()["admm/rho"] == grow.rho == 0.8
     torch.testing.assert_close(grow.U["0"], u * 0.625)  # scaled dual rescaled by ρ_old/ρ_new
+
+
+@pytest.mark.parametrize("update_every, unit", [(3, "steps"), (7, "steps"), (1, "epochs")])
+def test_auto_rho_growth_reaches_rho_max_at_the_last_update(update_every, unit):
+    pruning = ADMMPruning(compression=10, rho=0.01, rho_max=0.3, update_every=update_every, update_unit=unit)
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if pruning.phase == "prune" and (not seen or seen[-1] != pruning.rho):
+                seen.append(pruning.rho)
+
+    fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS["adam"], epochs=4, callbacks=[Watch()])
+    assert pruning.phase == "finetune" and len(seen) >= 2  # at least one update changed ρ before the hard prune
+    assert seen[0] == 0.01 and seen[-1] == pytest.approx(0.3)
+    assert all(b / a == pytest.approx(pruning.growth) for a, b in zip(seen, seen[1:]))  # geometric
+
+
+def test_auto_rho_growth_needs_rho_max():
+    with pytest.raises(ValueError, match=r"pruning.rho_growth='auto' needs pruning.rho_max"):
+        ADMMPruning(compression=4, rho_max=None)
 
 
 @pytest.mark.parametrize("opt", ["sgd_momentum", "adam"])  # ADMM is not run under AdamW

@@ -25,6 +25,7 @@ from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, scan_
 log = logging.getLogger(__name__)
 
 UPDATE_UNITS = ("steps", "epochs")
+AUTO_GROWTH = "auto"
 OPTIONS = ("rho", "rho_growth", "rho_max", "update_every", "update_unit", "admm_fraction", "quantize",
            "eval_after_hard_prune", *BASE_OPTIONS)
 
@@ -34,9 +35,14 @@ class ADMMPruning(PruningCallback):
 
     Args:
         compression: requested ratio (see :class:`PruningCallback`); with ``layer_sparsity`` it must agree with it.
-        rho: penalty ρ of the augmented Lagrangian (fixed in the paper).
-        rho_growth: factor applied to ρ after every Z/U update (1.0 = paper; 1.3 as the later PyTorch code).
-        rho_max: cap on ρ when it grows (``None``: no cap).
+        rho: penalty ρ of the augmented Lagrangian at the start of the ADMM phase (fixed in the paper).
+        rho_growth: factor applied to ρ after every Z/U update (1.0 = paper, ρ fixed; 1.3 as the later PyTorch
+            code), or ``"auto"``: the factor that takes ρ from ``rho`` to ``rho_max`` at the phase's last update,
+            whatever the number of updates (a growing ρ as in the later ADMM code, github.com/yeshaokai/
+            Robustness-Aware-Pruning-ADMM ``admm_multi_rho_scheduler``, with its end point fixed instead of its
+            factor). Default: 0.01 → 0.3; a fixed ρ either left the weights far from Z at the hard prune or chose
+            the support before the loss had a say (``bench/robustness.py``, README "Defaults across cells").
+        rho_max: cap on ρ when it grows (``None``: no cap); with ``rho_growth="auto"`` the ρ of the hard prune.
         update_every: Z/U update period, in ``update_unit``.
         update_unit: ``steps`` (optimizer steps) or ``epochs``.
         admm_fraction: share of the fit's steps spent in the ADMM phase; the rest retrains with fixed masks.
@@ -47,16 +53,24 @@ class ADMMPruning(PruningCallback):
 
     method = "admm"
 
-    def __init__(self, compression: float, rho: float = 3e-2, rho_growth: float = 1.0, rho_max: float | None = None,
+    def __init__(self, compression: float, rho: float = 1e-2, rho_growth: float | str = AUTO_GROWTH,
+                 rho_max: float | None = 0.3,
                  update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5, quantize=None,
                  eval_after_hard_prune: bool = True, **kwargs) -> None:
         check_known("ADMM", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)
         self.rho0 = self.rho = check_number("rho", rho, 0.0)
-        self.rho_growth = check_number("rho_growth", rho_growth, 1.0, low_open=False)
         self.rho_max = None if rho_max is None else check_number("rho_max", rho_max, 0.0)
-        if self.rho_max is not None and self.rho_max < self.rho0:
-            raise ValueError(f"pruning.rho_max={rho_max!r} must be >= pruning.rho={rho!r}")
+        if rho_growth == AUTO_GROWTH:
+            if self.rho_max is None:
+                raise ValueError("pruning.rho_growth='auto' needs pruning.rho_max (the ρ reached at the hard prune)")
+            self.rho_growth = AUTO_GROWTH
+        else:
+            self.rho_growth = check_number("rho_growth", rho_growth, 1.0, low_open=False)
+        if self.rho_max is not None and self.rho_max < self.rho0 and self.rho_growth != 1.0:
+            raise ValueError(f"pruning.rho_max={rho_max!r} must be >= pruning.rho={rho!r} (rho_growth='auto' raises ρ "
+                             "from rho to rho_max; rho_growth=1.0 keeps ρ fixed)")
+        self.growth = 1.0 if self.rho_growth == AUTO_GROWTH else self.rho_growth  # per update; auto: set by _schedule
         self.update_every = check_int("update_every", update_every)
         self.update_unit = check_choice("update_unit", update_unit, UPDATE_UNITS)
         self.admm_fraction = check_number("admm_fraction", admm_fraction, 0.0, 1.0)
@@ -111,6 +125,9 @@ class ADMMPruning(PruningCallback):
         else:
             self.period = self.update_every
             self.hard_prune_step = int(self.admm_fraction * total)
+        if self.rho_growth == AUTO_GROWTH:  # updates at period, 2·period, … before the hard prune
+            updates = len(range(self.period, self.hard_prune_step, self.period))
+            self.growth = (self.rho_max / self.rho0) ** (1.0 / max(updates, 1))
 
     # ----------------------------------------------------------------- ADMM iterations
     @torch.no_grad()
@@ -134,9 +151,9 @@ class ADMMPruning(PruningCallback):
             self.U[n].add_(w[n] - z[n])
         self.Z = z
         primal = math.sqrt(sum(float((w[n] - z[n]).square().sum()) for n in w))
-        new_rho = self.rho * self.rho_growth
+        new_rho = self.rho * self.growth
         new_rho = min(new_rho, self.rho_max) if self.rho_max is not None else new_rho
-        if new_rho != self.rho:
+        if self.growth != 1.0 and new_rho != self.rho:  # a fixed ρ is never capped
             for u in self.U.values():
                 u.mul_(self.rho / new_rho)
             self.rho = new_rho

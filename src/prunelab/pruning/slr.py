@@ -59,8 +59,9 @@ class SLRPruning(ADMMPruning):
                  r: float = 0.1, update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
                  eval_after_hard_prune: bool = True, **kwargs) -> None:
         check_known("SLR", kwargs, BASE_OPTIONS)
-        super().__init__(compression, rho=rho, update_every=update_every, update_unit=update_unit,
-                         admm_fraction=admm_fraction, eval_after_hard_prune=eval_after_hard_prune, **kwargs)
+        super().__init__(compression, rho=rho, rho_growth=1.0, rho_max=None, update_every=update_every,
+                         update_unit=update_unit, admm_fraction=admm_fraction,
+                         eval_after_hard_prune=eval_after_hard_prune, **kwargs)
         self.s0 = self.s = check_number("initial_s", initial_s, 0.0)
         self.M = check_number("M", M, 1.0)
         self.r = check_number("r", r, 0.0, 1.0, high_open=True)
