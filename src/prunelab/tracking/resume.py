@@ -74,6 +74,8 @@ class RunIdentity(pl.Callback):
                            checkpoint: dict[str, Any]) -> None:
         if self._at_epoch_end:
             # what update_train_epoch_metrics() will log once the checkpoint is written, at the same step
+            # (Lightning internals: pytorch-lightning is pinned <2.7, and the kill -9 test of
+            # tests/test_lifecycle.py fails if they move)
             pending = {k: float(v) for k, v in trainer._logger_connector.metrics["log"].items()}
             pending.setdefault("epoch", float(trainer.current_epoch))
             checkpoint[PENDING_KEY] = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1,
