@@ -8,7 +8,8 @@
 Every run is the real CLI with the default budget (``finetune.epochs=auto``), one Hydra multirun per cell, in a
 private PRUNELAB_ROOT (default ``outputs/bench_robustness``; the dense baselines are cached there per seed). Prints
 test accuracy mean ± std per method and ratio, one column per cell, and flags: ``C`` when the mean is more than 10
-points below the dense model, ``k/n`` runs tagged ``collapsed``, ``F`` when a run failed. The last lines check the
+points below the dense model, ``k/n`` runs tagged ``collapsed``, ``F`` when a run failed, ``unreachable`` when the
+ratio was rejected before training (the granularity cannot zero that many weights). The last lines check the
 issue's bars: no collapse at 8× and 32×, and ADMM within 0.5 points of gradual magnitude (or above) at 64×.
 """
 
@@ -70,6 +71,10 @@ def table(runs, methods, ratios) -> tuple[list[str], list[str]]:
                 if sel.empty:
                     row.append("—")
                     continue
+                if done.empty:  # every seed failed; rejected before training when the ratio is out of reach
+                    reasons = sel["failure_reason"].fillna("").astype(str)
+                    row.append("unreachable" if reasons.str.startswith("UnreachableCompressionError").all() else "F")
+                    continue
                 mean, std = done.mean(), done.std(ddof=1) if len(done) > 1 else 0.0
                 means[(method, ratio, c)] = mean
                 flags = []
@@ -115,7 +120,7 @@ def main() -> None:
         raise SystemExit("no runs recorded")
     lines, bars = table(runs, args.methods, [float(r) for r in args.ratios])
     print("\ntest accuracy (%), mean ± std over seeds", args.seeds, "— C: > 10 points below dense; k/n: runs tagged "
-          "collapsed; F: a run failed")
+          "collapsed; F: a run failed; unreachable: the ratio was rejected before training")
     print("\n".join(lines))
     print("\nbars:", "all met" if not bars else "")
     for bar in bars:
