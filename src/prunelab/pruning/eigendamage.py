@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from prunelab.models.architecture import BottleneckLayer, replace
+from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning import kfac, kfe, schedules
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
@@ -149,7 +150,7 @@ class EigenDamagePruning(PruningCallback):
                                  f"{m.padding_mode!r}); leave it out with pruning.exclude=[{name}]")
         reachable = self._max_compression(modules)
         if self.compression > reachable * 1.02:
-            raise ValueError(
+            raise UnreachableCompressionError(
                 f"pruning.compression={self.compression:g} is out of reach for EigenDamage on this model: at most "
                 f"{reachable:.2f}× with pruning.prune_ratio_limit={self.prune_ratio_limit:g} and {self.rounds} "
                 f"round(s) (outer widths do not change and the classifier {classifier!r} keeps its "
