@@ -162,3 +162,23 @@ def test_measure_reports_compacted_size(tmp_path):
     assert metrics["params"] < metrics["dense_params"] and metrics["macs_reduction"] > 1.5
     assert metrics["params_nonzero"] <= metrics["params"] and len(rows) == 4
     assert (tmp_path / "model_sparse.npz").exists() and pruned.training
+
+
+def test_compression_compacted_counts_the_weights_removed_downstream(tmp_path):
+    """Half of conv2's filters and half of fc1's rows zeroed: the masks keep every fc1 input column and fc2 column,
+    compaction also removes the columns that read the removed channels (16 fc1 inputs per conv2 filter)."""
+    dense, pruned = _net("lenet5"), _net("lenet5")
+    with torch.no_grad():
+        pruned.conv2.weight[::2] = 0
+        pruned.fc1.weight[::2] = 0
+    prunable = ["conv1", "conv2", "fc1", "fc2"]
+    metrics, _, _ = measure(pruned, dense, prunable, torch.zeros(1, 1, 28, 28), tmp_path)
+    c1, c2, f1, f2 = (dense.get_submodule(n).weight for n in prunable)
+    kept_c2, kept_f1 = c2.shape[0] // 2, f1.shape[0] // 2
+    per_channel = f1.shape[1] // c2.shape[0]  # fc1 inputs fed by one conv2 channel
+    compacted = (c1.numel() + kept_c2 * c2[0].numel() + kept_f1 * kept_c2 * per_channel + f2.shape[0] * kept_f1)
+    total = sum(w.numel() for w in (c1, c2, f1, f2))
+    masked = total - (c2.shape[0] - kept_c2) * c2[0].numel() - (f1.shape[0] - kept_f1) * f1.shape[1]
+    assert metrics["compression"] == pytest.approx(total / masked)
+    assert metrics["compression_compacted"] == pytest.approx(total / compacted)
+    assert metrics["compression_compacted"] > 1.8 * metrics["compression"]

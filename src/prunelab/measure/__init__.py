@@ -54,7 +54,8 @@ def measure(
     """Final metrics (DESIGN.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
     ``sparsity``/``compression`` are counted on the masked model (layers a method replaced count the weights of their
-    replacement against ``dense``'s, see :func:`layer_table`); ``params``, ``params_nonzero`` and ``macs`` on its
+    replacement against ``dense``'s, see :func:`layer_table`); ``params``, ``params_nonzero``, ``macs`` and
+    ``compression_compacted`` (``compression`` once the weights that only fed or read removed channels are gone) on its
     compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
     ``atol``). The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
     ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
@@ -73,6 +74,8 @@ def measure(
         result = compact(pruned, example_input, atol=atol)
         compacted = result.net
         metrics["params"], metrics["params_nonzero"] = map(float, _count_params(compacted))
+        left = sum(r["nonzero"] for r in layer_table(compacted, prunable, dense))
+        metrics["compression_compacted"] = sum(r["params"] for r in rows) / max(left, 1)
         metrics["dense_params"] = float(_count_params(dense)[0])
         metrics["compaction_max_abs_diff"] = result.max_abs_diff
         metrics["compaction_channels_removed"] = float(sum(result.removed.values()))

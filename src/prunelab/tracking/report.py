@@ -23,8 +23,8 @@ from prunelab.tracking.collapse import TAG as COLLAPSED_TAG
 from prunelab.tracking.sweep import KIND_TAG
 
 CELL = ["dataset", "model", "method", "compression_target"]
-_METRICS = ("test_acc", "dense_test_acc", "acc_drop", "compression", "macs_reduction", "latency_cpu_b1_ms",
-            "speedup_cpu_b1")
+_METRICS = ("test_acc", "dense_test_acc", "acc_drop", "compression", "compression_compacted", "macs_reduction",
+            "latency_cpu_b1_ms", "speedup_cpu_b1")
 
 
 @dataclass
