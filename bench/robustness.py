@@ -4,12 +4,15 @@
     python bench/robustness.py --methods admm magnitude --ratios 64 --seeds 0 1
     python bench/robustness.py --report                  # print the table again from the runs already recorded
     python bench/robustness.py --jobs 2                  # parallel jobs (Hydra's joblib launcher)
+    python bench/robustness.py --report --root A B       # one table from several roots (B's runs replace A's)
 
 Every run is the real CLI with the default budget (``finetune.epochs=auto``), one Hydra multirun per cell, in a
 private PRUNELAB_ROOT (default ``outputs/bench_robustness``; the dense baselines are cached there per seed). Prints
 test accuracy mean ± std per method and ratio, one column per cell, and flags: ``C`` when the mean is more than 10
-points below the dense model, ``k/n`` runs tagged ``collapsed``, ``F`` when a run failed, ``unreachable`` when the
-ratio was rejected before training (the granularity cannot zero that many weights). The last lines check the
+points below the dense model, ``k/n`` runs tagged ``collapsed``, ``F`` when a run failed, ``→N×`` when the compacted
+model is more than twice as compressed as requested (median over seeds: removing a filter also removes the next
+layer's weights that read it, which ``compression`` does not count), ``unreachable`` when the ratio was rejected
+before training (the granularity cannot zero that many weights). The last lines check the
 issue's bars: no collapse at 8× and 32×, and ADMM within 0.5 points of gradual magnitude (or above) at 64×.
 """
 
@@ -45,13 +48,23 @@ def run_cell(cell: str, args, env: dict[str, str]) -> None:
         print(proc.stderr[-2000:], flush=True)
 
 
-def load(root: Path):
-    """The recorded runs (:func:`prunelab.tracking.report.load_runs`), keyed by cell, method name and ratio."""
+def load(*roots: Path):
+    """The recorded runs (:func:`prunelab.tracking.report.load_runs`), keyed by cell, method name and ratio; where
+    several roots hold a (cell, method, ratio, seed), the last root's runs are kept."""
+    import pandas as pd
+
     from prunelab.tracking.report import load_runs
 
-    runs = load_runs(f"sqlite:///{root / 'outputs' / 'mlflow.db'}", EXPERIMENT)
-    runs["cell"] = runs["dataset"] + "/" + runs["model"]
-    runs["method"] = runs["method"].str.split(" ").str[0]  # "increg (column)" → "increg"
+    frames = []
+    for order, root in enumerate(roots):
+        runs = load_runs(f"sqlite:///{root / 'outputs' / 'mlflow.db'}", EXPERIMENT)
+        runs["cell"] = runs["dataset"] + "/" + runs["model"]
+        runs["method"] = runs["method"].str.split(" ").str[0]  # "increg (column)" → "increg"
+        frames.append(runs.assign(root_order=order))
+    runs = pd.concat(frames, ignore_index=True)
+    key = ["cell", "method", "compression_target", "seed"]
+    newest = runs.groupby(key)["root_order"].transform("max")
+    runs = runs[runs["root_order"] == newest].drop(columns="root_order")
     return runs.rename(columns={"compression_target": "ratio", "test_acc": "acc", "dense_test_acc": "dense"})
 
 
@@ -87,6 +100,9 @@ def table(runs, methods, ratios) -> tuple[list[str], list[str]]:
                     flags.append(f"{tagged}/{len(sel)}")
                 if (sel["status"] != "FINISHED").any():
                     flags.append("F")
+                compacted = sel[sel["status"] == "FINISHED"]["compression_compacted"].astype(float).median()
+                if compacted > 2 * ratio:  # compaction took the next layers' inputs of pruned channels too
+                    flags.append(f"→{compacted:.0f}×")
                 row.append(f"{mean:.2f} ± {std:.2f}" + (f" {' '.join(flags)}" if flags else ""))
             lines.append(f"| {method} | {ratio:g}× | " + " | ".join(row) + " |")
     for c in cells:
@@ -103,11 +119,15 @@ def main() -> None:
     parser.add_argument("--ratios", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--root", default=str(ROOT / "outputs" / "bench_robustness"))
+    parser.add_argument("--root", nargs="+", default=[str(ROOT / "outputs" / "bench_robustness")],
+                        help="where the runs go (the first root); --report reads them all, later roots first")
     parser.add_argument("--report", action="store_true", help="only print the table of the runs recorded")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    root = Path(args.root).resolve()
+    roots = [Path(r).resolve() for r in args.root]
+    root = roots[0]
+    if len(roots) > 1 and not args.report:
+        raise SystemExit("several --root are for --report only: runs go into one root")
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PRUNELAB_ROOT": str(root), "PRUNELAB_JOBS": str(args.jobs)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -115,12 +135,13 @@ def main() -> None:
     if not args.report:
         for cell in args.cells:
             run_cell(cell, args, env)
-    runs = load(root)
+    runs = load(*roots)
     if runs.empty:
         raise SystemExit("no runs recorded")
     lines, bars = table(runs, args.methods, [float(r) for r in args.ratios])
     print("\ntest accuracy (%), mean ± std over seeds", args.seeds, "— C: > 10 points below dense; k/n: runs tagged "
-          "collapsed; F: a run failed; unreachable: the ratio was rejected before training")
+          "collapsed; F: a run failed; →N×: compression after compaction, where more than twice the ratio; "
+          "unreachable: the ratio was rejected before training")
     print("\n".join(lines))
     print("\nbars:", "all met" if not bars else "")
     for bar in bars:
