@@ -46,6 +46,31 @@ def dead_rows(pruning, name: str) -> torch.Tensor:
     return ~mask.reshape(mask.shape[0], -1).any(1)
 
 
+@torch.no_grad()
+def compacted_ratio(pruning, example: torch.Tensor) -> float:
+    """Prunable weights of the dense network / those left once the masked network is compacted: the ratio a
+    ``filter``/``channel`` method must reach."""
+    from prunelab.measure import compact
+    from prunelab.pruning.macs_target import count_weights
+
+    names = list(pruning.masks.modules)
+    dense = sum(m.weight.numel() for m in pruning.masks.modules.values())
+    net = pruning.net
+    training = net.training
+    compacted = compact(net.eval(), example.to(next(net.parameters()).device)).net
+    net.train(training)
+    return dense / count_weights(compacted, names)
+
+
+def achieved(pruning) -> float:
+    """The compression a method is held to: on the compacted model for structured granularities (the input shape
+    the callback took from the datamodule), else prunable weights / nonzero ones."""
+    if pruning.counts_compacted:
+        return compacted_ratio(pruning, pruning.example_input)
+    total, nonzero = pruning.masks.counts()
+    return total / nonzero
+
+
 def pruned_values(pruning) -> list[torch.Tensor]:
     """Every value pruning must hold at zero: masked weights and the dependents (bias, BN γ/β) of dead filters."""
     values = [m.weight[~pruning.masks.masks[n]] for n, m in pruning.masks.modules.items()]

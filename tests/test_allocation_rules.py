@@ -126,7 +126,7 @@ def test_target_macs_on_coarse_groups_takes_the_closest_point_and_warns(caplog):
     cb.prune_to(cb.final_sparsity)
     reduction = _macs_reduction(cb, net, example)
     assert cb.macs_reduction == pytest.approx(reduction) and abs(reduction - 4) / 4 > 0.02
-    assert "closest MACs reduction this ranking reaches" in caplog.text
+    assert "closest ratio of MACs this ranking reaches" in caplog.text
 
 
 def test_target_macs_unreachable_is_rejected_before_training():
@@ -175,11 +175,11 @@ def test_lamp_scope_spreads_sparsity_where_global_starves_a_layer():
 def test_macs_search_never_goes_below_what_the_schedule_pruned():
     """A later calibration must not unmask weights a schedule already zeroed (they count as removed in the MACs of
     the masked copy, so a lower sparsity looks as good, but they would grow back)."""
-    from prunelab.pruning.macs_target import sparsity_for_macs
+    from prunelab.pruning.macs_target import sparsity_for_target
 
     def macs_at(sparsity):  # 1000 MACs dense, linear in the sparsity
         return round(1000 * (1 - sparsity))
 
-    free, _ = sparsity_for_macs(macs_at, 1000, 2.0, 0.99, steps=20)
-    floored, reached = sparsity_for_macs(macs_at, 1000, 2.0, 0.99, steps=20, min_sparsity=0.7)
+    free, _ = sparsity_for_target(macs_at, 1000, 2.0, 0.99, steps=20)
+    floored, reached = sparsity_for_target(macs_at, 1000, 2.0, 0.99, steps=20, min_sparsity=0.7)
     assert abs(free - 0.5) < 0.01 and floored >= 0.7 and reached == pytest.approx(1000 / macs_at(floored))

@@ -6,14 +6,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, achieved, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, AutoPrune
-
-
-def _compression(pruning):
-    total, nonzero = pruning.masks.counts()
-    return total / nonzero
 
 
 def _hand_layer(granularity, **kwargs):
@@ -84,7 +79,7 @@ def test_no_regrowth_exact_compression_and_gate_curves(opt):
     watch = ZeroWatch(pruning)
     trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "finetune" and abs(_compression(pruning) - 10) / 10 < 0.02
+    assert pruning.phase == "finetune" and abs(achieved(pruning) - 10) / 10 < 0.02
     assert {"autoprune/open_fraction", "autoprune/mean_gate", "autoprune/reopened"} <= set(trainer.callback_metrics)
 
 
@@ -92,7 +87,7 @@ def test_no_regrowth_exact_compression_and_gate_curves(opt):
 def test_granularities_and_scopes_reach_the_target(granularity, scope):
     pruning = AutoPrune(compression=3, granularity=granularity, scope=scope)
     fit_digits(LeNet5(image_size=8), pruning, epochs=2)
-    assert abs(_compression(pruning) - 3) / 3 < 0.02 and pruning.done
+    assert abs(achieved(pruning) - 3) / 3 < 0.02 and pruning.done
 
 
 class GateWatch(pl.Callback):

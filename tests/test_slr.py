@@ -8,15 +8,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, achieved, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, ADMMPruning, SLRPruning
 from prunelab.pruning.slr import step_decay
-
-
-def _compression(pruning):
-    total, nonzero = pruning.masks.counts()
-    return total / nonzero
 
 
 def test_step_decay_sequence():
@@ -95,7 +90,7 @@ def test_no_regrowth_and_curves(opt):
     watch = ZeroWatch(pruning)
     trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "finetune" and abs(_compression(pruning) - 10) / 10 < 0.02
+    assert pruning.phase == "finetune" and abs(achieved(pruning) - 10) / 10 < 0.02
     assert pruning.k > 1 and 0.0 <= pruning.acc_after_hard_prune <= 1.0
     keys = {"slr/condition1", "slr/condition2", "slr/s", "slr/alpha", "slr/k", "slr/primal_residual",
             "slr/acc_after_hard_prune"}
@@ -108,7 +103,7 @@ def test_structured_granularities_reach_the_target(granularity):
     pruning = SLRPruning(compression=compression, update_every=3, granularity=granularity)
     net = LeNet300(image_size=8) if granularity == "2:4" else LeNet5(image_size=8)  # rows a multiple of 4
     fit_digits(net, pruning, OPTIMIZERS["sgd_momentum"], epochs=2)
-    assert abs(_compression(pruning) - compression) / compression < 0.02 and pruning.done
+    assert abs(achieved(pruning) - compression) / compression < 0.02 and pruning.done
 
 
 def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path):

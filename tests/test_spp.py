@@ -6,7 +6,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
+from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, compacted_ratio, fit_digits, same_init
 from prunelab.measure import compact
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, SPPPruning, groups
@@ -77,6 +77,9 @@ def _counts(pruning, net):
     fresh = SPPPruning(compression=pruning.compression, granularity=pruning.granularity, scope=pruning.scope,
                        layer_sparsity=pruning.layer_sparsity)
     fresh.bind(net)
+    if fresh.counts_compacted and not fresh.layer_sparsity:  # as the core does before start()
+        fresh.example_input = torch.zeros(1, 1, 8, 8)
+        fresh.calibrate()
     return fresh.layer_prune_counts()
 
 
@@ -92,7 +95,7 @@ def _removable(pruning) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(granularity="column", scope="global"),
+    dict(granularity="column", scope="lamp"),
     dict(granularity="filter", scope="layer", mask_mode="element", score_decay=0.9),
     dict(granularity="filter", layer_sparsity={"conv1": 0.5, "conv2": 0.75, "fc1": 0.9}, increment="linear"),
 ])
@@ -106,7 +109,8 @@ def test_exact_group_counts_and_compacted_channels(kwargs):
     assert {n: pruning.pruned_count(n) for n in expected} == expected
     if "layer_sparsity" not in kwargs:
         total, nonzero = pruning.masks.counts()
-        assert abs(total / nonzero - 6) / 6 < 0.02
+        ratio = compacted_ratio(pruning, torch.zeros(1, 1, 8, 8)) if pruning.counts_compacted else total / nonzero
+        assert abs(ratio - 6) / 6 < 0.02
     # the existing compaction removes exactly the emptied channels, and the logits stay (compact checks them)
     dead = _removable(pruning)
     assert sum(dead.values()) > 0
@@ -140,7 +144,7 @@ def test_no_regrowth_while_pruning_and_after(opt):
     fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
     assert pruning.done and 0.2 < pruning.prune_end_fraction() < 1  # pruned while training, then fine-tuned
-    assert abs(pruning.masks.counts()[0] / pruning.masks.counts()[1] - 10) / 10 < 0.02
+    assert abs(compacted_ratio(pruning, torch.zeros(1, 1, 8, 8)) - 10) / 10 < 0.02
 
 
 class Recorder(SPPPruning):

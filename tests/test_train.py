@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from conftest import runs_in
 from prunelab.data import DatasetNotFoundError
 from prunelab.models.classifier import NonFiniteLossError
-from prunelab.tracking.record import FINAL_METRICS
+from prunelab.tracking.record import FINAL_METRICS, summary
 from prunelab.train import train
 
 
@@ -43,11 +43,23 @@ def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_pa
     assert len(client.get_metric_history(run.info.run_id, "train/sparsity")) == 2
     out = capsys.readouterr().out
     assert "compression   requested 4.00×" in out and "WARNING" not in out
+    assert "after compaction" not in out  # unstructured at 4×: compaction removes no whole channel
     assert f"make ui, then http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out
     epochs = [r.getMessage() for r in caplog.records if r.name == "prunelab.progress"]
     dense_epochs = 0 if run.data.tags["dense_cache_hit"] == "True" else 2
     assert [e.split(":")[0] for e in epochs] == ["dense baseline"] * dense_epochs + ["pruning (magnitude)"] * 2
     assert "epoch 2/2" in epochs[-1] and "val acc" in epochs[-1]
+
+
+def test_summary_says_when_compaction_removes_more_than_the_masks():
+    params = {"method": "obd", "granularity": "filter", "dataset": "d", "model": "m", "seed": "0",
+              "compression_target": "8"}
+    metrics = {"compression": 8.0, "sparsity": 0.875, "dense_test_acc": 90.0, "test_acc": 89.0, "acc_drop": 1.0,
+               "params": 10.0, "params_nonzero": 10.0, "macs": 5.0, "dense_macs": 50.0, "macs_reduction": 10.0,
+               "bytes_stored": 1.0, "bytes_dense": 8.0, "storage_compression": 8.0}
+    assert "after compaction" not in summary(params, {**metrics, "compression_compacted": 8.1}, "r", "u")
+    line = summary(params, {**metrics, "compression_compacted": 17.25}, "r", "u").splitlines()[3]
+    assert line.startswith(" compression") and line.endswith("17.25× after compaction")
 
 
 def test_dense_baseline_trained_once_and_reused(make_cfg, tmp_path):
@@ -76,7 +88,7 @@ def test_pruning_none_is_the_dense_run(make_cfg, tmp_path):
         ("pruning.layers=[fc1,fc9]", ValueError, r"\['fc9'\].*fc1, fc2, fc3"),
         ("pruning.granularity=rows", ValueError, r"'rows'.*weight, filter, channel, column"),
         ("pruning.mode=sometimes", ValueError, r"pruning.mode='sometimes'"),
-        ("pruning.granularity=filter pruning.compression=5000", ValueError, r"max compression"),
+        ("pruning.granularity=filter pruning.compression=5000", ValueError, r"compression=5000 .* cannot be reached"),
         ("data.batch_size=0", Exception, r"batch_size.*0"),
         ("data=mnist", DatasetNotFoundError, r"data.download=true"),
         ("seed=abc", ValueError, r"seed='abc' must be an integer"),

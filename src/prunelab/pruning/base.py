@@ -48,7 +48,9 @@ class PruningCallback(pl.Callback):
     """Base class: masks, exact allocation, zero-keeping hooks, device-following and resumable state.
 
     Args:
-        compression: requested ratio, prunable weights before / nonzero prunable weights after.
+        compression: requested ratio, prunable weights before / nonzero prunable weights after; for ``filter``,
+            ``channel`` and ``column``, the weights left once compaction removed the pruned channels and every
+            weight that reads or feeds them (see :attr:`counts_compacted`).
         granularity: ``weight``, ``filter``, ``channel``, ``column`` or N:M such as ``2:4``.
         scope: ``global`` (rank all layers together), ``layer`` (same ratio in every layer) or ``lamp`` (rank all
             layers together by LAMP scores, scale-free across layers).
@@ -61,11 +63,15 @@ class PruningCallback(pl.Callback):
         round_to: ``filter``/``channel``: kept groups per layer a multiple of this; ``auto`` = 8 when training on
             CUDA, off on the CPU; ``None`` off.
         target: ``params`` (compression counts prunable weights) or ``macs`` (``filter``/``channel``: compression
-            = dense MACs / MACs of the compacted model, found by searching the global threshold).
+            = dense MACs / MACs of the compacted model). For ``filter``/``channel``/``column`` both are counted on
+            the compacted model, the masks' sparsity found by searching the global threshold (:meth:`calibrate`).
     """
 
     method = "base"
     changes_architecture = False
+    # the ranking (:meth:`group_scores`) exists when training starts, so the compacted model's ratio can be calibrated
+    # then; False for a method whose scores come from its own pass at its pruning event (it is calibrated there)
+    ranks_at_start = True
 
     def __init__(
         self,
@@ -90,6 +96,8 @@ class PruningCallback(pl.Callback):
                                               high_open=True)
         self.target = check_choice("target", target, macs_target.TARGETS)
         structured = self.granularity in macs_target.MACS_GRANULARITIES
+        # removing a channel also removes what reads it downstream: the ratio is counted on the compacted model
+        self.counts_compacted = self.granularity in macs_target.COMPACTED_GRANULARITIES
         if self.target == "macs" and not structured:
             kinds = ", ".join(macs_target.MACS_GRANULARITIES)
             raise ValueError(f"pruning.target=macs needs a granularity that removes channels ({kinds}), not "
@@ -118,8 +126,8 @@ class PruningCallback(pl.Callback):
         self.layer_names: list[str] = []  # the pruned layers as bound, before any architecture change
         self.current_sparsity = 0.0  # last target applied by prune_to
         self.net: nn.Module | None = None
-        self.example_input: torch.Tensor | None = None  # one input, for target=macs
-        self.macs_reduction: float | None = None  # reached by the last calibration (target=macs)
+        self.example_input: torch.Tensor | None = None  # one input, to compact (counts_compacted)
+        self.reached: float | None = None  # ratio on the compacted model reached by the last calibration
         self._calibrated = False
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
@@ -163,7 +171,7 @@ class PruningCallback(pl.Callback):
 
     def validate(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Check, before any training, that the layers exist and the target is reachable at this granularity
-        (``target=macs``: on ``example_input``).
+        (:attr:`counts_compacted`: on the model compacted on ``example_input``, when given).
 
         Returns the trial masks of that check (scores all equal), so subclasses can check what they imply.
         """
@@ -178,12 +186,19 @@ class PruningCallback(pl.Callback):
                 raise ValueError("pruning.target=macs needs an example input to count MACs")
             if self.layer_sparsity:
                 raise ValueError("pruning.target=macs searches the per-layer ratios itself: drop pruning.layer_sparsity")
+        if self.counts_compacted and example_input is not None:
             self.example_input = example_input
-            sparsity, _ = self.search_macs(scores=zeros, steps=0)  # reachable at all?
+            if not self.layer_sparsity:
+                sparsity, _ = self.search(scores=zeros, steps=0)  # reachable at all?
         trial = allocate(weights, zeros, sparsity, self.granularity, self.scope, self.min_keep,
                          self.layer_sparsity, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
         if self.layer_sparsity:  # a table is a statement of the compression too: the two must agree
-            check_table_compression(self.compression, trial)
+            implied = None
+            if self.counts_compacted and self.example_input is not None:
+                dense = sum(w.numel() for w in weights.values())
+                implied = dense / macs_target.compacted_cost(self.net, trial, self.masks.dependents, self.example_input,
+                                                             "params", list(weights))
+            check_table_compression(self.compression, trial, implied)
         self.masks = MaskSet()
         return trial
 
@@ -220,39 +235,55 @@ class PruningCallback(pl.Callback):
             zeros += (count - floor) * groups.group_size(weights[n], self.granularity)
         return zeros / total
 
-    @torch.no_grad()
-    def calibrate(self) -> None:
-        """``target=macs``: set :attr:`final_sparsity` to the parameter sparsity whose compacted masks cut MACs by
-        :attr:`compression` on the current weights' ranking."""
-        self.final_sparsity, self.macs_reduction = self.search_macs(min_sparsity=self.current_sparsity)
-        log.info("%s: %.2fx fewer MACs at parameter sparsity %.4f", self.method, self.macs_reduction,
-                 self.final_sparsity)
+    def _example(self) -> torch.Tensor:
+        if self.example_input is None:
+            raise ValueError(
+                f"pruning.granularity={self.granularity} counts pruning.compression on the compacted model, which "
+                "needs one example input: train with a datamodule that has num_channels and image_size, set the "
+                "LightningModule's example_input_array, or set the callback's example_input")
+        return self.example_input
+
+    @property
+    def macs_reduction(self) -> float | None:
+        """MACs reduction reached by the last calibration (``target=macs``)."""
+        return self.reached if self.target == "macs" else None
 
     @torch.no_grad()
-    def search_macs(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None,
-                    min_sparsity: float = 0.0) -> tuple[float, float]:
-        """(parameter sparsity ≥ ``min_sparsity``, MACs reduction) closest to :attr:`compression` in MACs, ranking
-        groups by the weights (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one group)."""
-        example = self.example_input
-        dense = macs_target.count_macs(self.net, example)
+    def calibrate(self) -> None:
+        """:attr:`counts_compacted`: set :attr:`final_sparsity` to the sparsity of the masks whose compacted model
+        meets :attr:`compression` in weights or MACs (:attr:`target`) on the current weights' ranking."""
+        self.final_sparsity, self.reached = self.search(min_sparsity=self.current_sparsity)
+        log.info("%s: %.2fx fewer %s in the compacted model at mask sparsity %.4f", self.method, self.reached,
+                 "MACs" if self.target == "macs" else "weights", self.final_sparsity)
+
+    @torch.no_grad()
+    def search(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None,
+               min_sparsity: float = 0.0) -> tuple[float, float]:
+        """(mask sparsity ≥ ``min_sparsity``, ratio reached) closest to :attr:`compression` on the compacted model,
+        ranking groups by the weights (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one
+        group)."""
+        example = self._example()
+        names = list(self.masks.modules)
+        dense = (macs_target.count_macs(self.net, example) if self.target == "macs"
+                 else sum(w.numel() for w in self.weights().values()))
         if steps is None:  # resolve one group of the ranking
             groups_total = sum(math.prod(groups.group_shape(m, self.granularity)) for m in self.weights().values())
             steps = math.ceil(math.log2(groups_total)) + 2
 
-        def macs_at(sparsity: float) -> int:
+        def cost_at(sparsity: float) -> int:
             masks = self.allocation(sparsity, scores=scores)
-            return macs_target.compacted_macs(self.net, masks, self.masks.dependents, example)
+            return macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, self.target, names)
 
-        return macs_target.sparsity_for_macs(macs_at, dense, self.compression, self.max_sparsity(), steps,
-                                             min_sparsity)
+        return macs_target.sparsity_for_target(cost_at, dense, self.compression, self.max_sparsity(), steps,
+                                               min_sparsity, self.target)
 
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:
         """Recompute masks for ``sparsity`` over the prunable weights and zero what they remove (the final target
-        under ``target=macs`` is searched again on the current ranking, so the MACs ratio holds exactly)."""
+        is searched again on the current ranking under :attr:`counts_compacted`, so the compacted ratio holds)."""
         if groups.parse_nm(self.granularity):
             sparsity = self.final_sparsity  # an N:M mask has one sparsity: every scheduled update applies it
-        elif self.target == "macs" and sparsity >= self.final_sparsity:
+        elif self.counts_compacted and not self.layer_sparsity and sparsity >= self.final_sparsity:
             self.calibrate()
             sparsity = self.final_sparsity
         for name, mask in self.allocation(sparsity).items():
@@ -353,17 +384,21 @@ class PruningCallback(pl.Callback):
             self.round_to = ROUND_TO_AUTO if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else None
         self.bind(network_of(pl_module))
         datamodule = getattr(trainer, "datamodule", None)
-        if self.target == "macs" and self.example_input is None and datamodule is not None:
-            shape = (1, datamodule.num_channels, datamodule.image_size, datamodule.image_size)
-            self.example_input = torch.zeros(shape)
+        if self.counts_compacted and self.example_input is None:
+            if datamodule is not None and hasattr(datamodule, "num_channels"):
+                shape = (1, datamodule.num_channels, datamodule.image_size, datamodule.image_size)
+                self.example_input = torch.zeros(shape)
+            elif getattr(pl_module, "example_input_array", None) is not None:  # Lightning's own convention
+                self.example_input = torch.zeros_like(pl_module.example_input_array[:1])
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.follow()
         self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
-        if self.target == "macs" and not self._calibrated:  # once per run: a resumed run keeps its schedule
-            self.example_input = self.example_input.to(pl_module.device)
-            self.calibrate()
-            self._calibrated = True
+        if self.counts_compacted:
+            self.example_input = self._example().to(pl_module.device)
+            if not self._calibrated and self.ranks_at_start and not self.layer_sparsity:  # once: a resume keeps it
+                self.calibrate()
+                self._calibrated = True
         self.start(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
