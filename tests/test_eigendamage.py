@@ -208,6 +208,7 @@ print("ok")
     (dict(compression=4, prune_ratio_limit=1.0), r"pruning.prune_ratio_limit=1.0 must be a number > 0 and < 1"),
     (dict(compression=4, fisher_type="sampled"), r"pruning.fisher_type='sampled' is not one of: true, empirical"),
     (dict(compression=4, granularity="filter"), r"Unknown EigenDamage option\(s\) \['granularity'\]"),
+    (dict(compression=4, scope="layer"), r"pruning.scope='layer' is not one of: global, lamp"),
 ])
 def test_bad_input_is_rejected_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -217,7 +218,7 @@ def test_bad_input_is_rejected_before_training(kwargs, match):
 def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     run_cfg = ("model=lenet5", "pruning=eigendamage", "pruning.compression=4", "measure.latency=false")
     metrics = train(make_cfg(*run_cfg, "logger.log_model=true"))
-    assert abs(metrics["compression"] - 4) / 4 < 0.02 and metrics["macs_reduction"] > 1.5
+    assert abs(metrics["compression"] - 4) / 4 < 0.02 and metrics["macs_reduction"] > 1.2  # measured on the rebuilt net
     (run,) = runs_in(tmp_path)
     assert run.data.params["granularity"] == "eigenbasis" and run.data.metrics["layer_sparsity/fc1"] > 0.5
     folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
@@ -231,14 +232,15 @@ def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     assert resumed.resume is not None and resumed.resume.run_id == run.info.run_id
 
 
-def test_plan_meets_every_reachable_target_and_keeps_the_top_directions():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_plan_meets_every_reachable_target_and_keeps_the_top_directions(normalize):
     net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
     layers = {"fc1": net.fc1, "fc2": net.fc2}
     factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))
     kfes = {n: kfe.decompose(m, factors[n]) for n, m in layers.items()}
     dense = sum(m.weight.numel() for m in (net.fc1, net.fc2, net.fc3))
     for target in (1.5, 2, 4, 8.25, 11, 13, 13.25):  # the global threshold alone misses the last four by 2.3–3.1 %
-        result = kfe.plan(kfes, net.fc3.weight.numel(), dense, target, limit=0.99)
+        result = kfe.plan(kfes, net.fc3.weight.numel(), dense, target, limit=0.99, normalize=normalize)
         assert abs(result.compression - target) / target < 0.02, target
         for name, (keep_in, keep_out) in result.keep.items():
             for scores, kept in ((kfes[name].in_scores, keep_in), (kfes[name].out_scores, keep_out)):
@@ -247,3 +249,25 @@ def test_plan_meets_every_reachable_target_and_keeps_the_top_directions():
                 assert 1 <= len(kept) and int(dropped.sum()) <= int(0.99 * len(scores))  # the per-layer cap
                 if dropped.any():
                     assert scores[dropped].max() <= scores[kept].min()  # a side keeps its best directions
+
+
+def test_lamp_plan_does_not_depend_on_a_layers_score_scale():
+    """A layer whose Fisher is 10⁶ times smaller loses its directions first under the raw threshold (up to the cap);
+    LAMP scores are scale-free within a layer side, so the plan is the one of the unscaled scores."""
+    import dataclasses
+
+    net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
+    layers = {"fc1": net.fc1, "fc2": net.fc2}
+    factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))
+    kfes = {n: kfe.decompose(m, factors[n]) for n, m in layers.items()}
+    small = dict(kfes, fc2=dataclasses.replace(kfes["fc2"], in_scores=kfes["fc2"].in_scores * 1e-6,
+                                                out_scores=kfes["fc2"].out_scores * 1e-6))
+    dense = sum(m.weight.numel() for m in (net.fc1, net.fc2, net.fc3))
+
+    def kept(kfes, normalize):
+        plan = kfe.plan(kfes, net.fc3.weight.numel(), dense, 4, limit=0.99, normalize=normalize)
+        return {n: (len(i), len(o)) for n, (i, o) in plan.keep.items()}
+
+    assert kept(small, True) == kept(kfes, True)
+    raw = kept(small, False)
+    assert raw != kept(kfes, False) and raw["fc2"][1] == 100 - int(0.99 * 100)  # fc2's outputs cut to the cap

@@ -3,7 +3,8 @@ arXiv 1905.05934; official code alecwangcq/EigenDamage-Pytorch).
 
 A round: K-FAC factors of every prunable layer from one pass over the training data (:mod:`kfac`), each layer rotated
 into the eigenbasis of its factors and its input/output eigen-directions scored by the damage their removal does
-(:mod:`kfe`), one global threshold with a per-layer cap, and every layer where it saves parameters replaced by
+(:mod:`kfe`), one global threshold with a per-layer cap (over LAMP-normalised scores by default: the paper's raw
+scores left the LeNets' convolutions one direction), and every layer where it saves parameters replaced by
 ``rotate_in → core → rotate_out`` (:class:`~prunelab.models.architecture.BottleneckLayer`). ``one_pass`` prunes once at
 the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune phase, each round factoring
 the bottleneck cores again and folding the new rotations into the old ones, so depth does not grow.
@@ -34,6 +35,7 @@ from prunelab.pruning.masks import prunable_layers
 log = logging.getLogger(__name__)
 
 MODES = ("one_pass", "iterative")
+SCOPES = ("global", "lamp")
 OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
            "recalibrate_bn", "seed", "layers", "exclude")
 
@@ -96,6 +98,9 @@ class EigenDamagePruning(PruningCallback):
         fix_rotation: freeze ``rotate_in``/``rotate_out`` during fine-tuning (the paper's runs train them).
         recalibrate_bn: recompute BatchNorm statistics before every later round and after the last step.
         seed: seed of the label sampling (``None``: the run's seed).
+        scope: ``lamp`` (each layer side's direction scores LAMP-normalised before the one threshold, Lee et al.
+            ICLR 2021) or ``global`` (the paper: the raw scores, which on ``lenet5_classic`` cut conv1 and conv2
+            to one direction each at 8×).
         layers, exclude: module names to consider / to leave alone; the classifier is never pruned.
     """
 
@@ -104,9 +109,10 @@ class EigenDamagePruning(PruningCallback):
 
     def __init__(self, compression: float, mode: str = "one_pass", rounds: int = 3, prune_fraction: float = 0.5,
                  prune_ratio_limit: float = 0.99, fisher_type: str = "true", fisher_batches: int | None = None,
-                 fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None, **kwargs) -> None:
+                 fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None,
+                 scope: str = "lamp", **kwargs) -> None:
         check_known("EigenDamage", kwargs, OPTIONS)
-        super().__init__(compression, **kwargs)
+        super().__init__(compression, scope=check_choice("scope", scope, SCOPES), **kwargs)
         self.mode = check_choice("mode", mode, MODES)
         self.rounds = check_int("rounds", rounds) if mode == "iterative" else 1
         self.prune_fraction = check_number("prune_fraction", prune_fraction, 0.0, 1.0)
@@ -221,7 +227,7 @@ class EigenDamagePruning(PruningCallback):
                                        generator=self.generator, precision=trainer.precision_plugin)
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
-        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit)
+        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self.scope == "lamp")
         if final and abs(result.compression - target) / target > 0.02:
             raise RuntimeError(f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
                                f"{target:g} (prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunelab.models.architecture import BottleneckLayer, layer_spec
+from prunelab.pruning.allocate import lamp_scores
 from prunelab.pruning.kfac import Factors, eigh_clamped
 
 
@@ -158,9 +159,11 @@ class Plan:
     pruned_units: int
 
 
-def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, target: float, limit: float) -> Plan:
+def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, target: float, limit: float,
+         normalize: bool = False) -> Plan:
     """Global threshold over every in/out direction of every layer, searched so that dense / after ≈ ``target``
-    (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``).
+    (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``; ``normalize``: rank LAMP scores of
+    each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones).
 
     The m lowest-scoring directions over all layers are dropped, but at most ⌊limit·n⌋ (and n − 1) of a layer side's
     n; a layer is replaced only when its bottleneck has fewer parameters than what it replaces. Every m is evaluated
@@ -170,7 +173,8 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
     """
     names = list(kfes)
     sides = [s for n in names for s in (kfes[n].in_scores, kfes[n].out_scores)]
-    scores = torch.cat([s.cpu() for s in sides])
+    ranked = list(lamp_scores(dict(enumerate(sides))).values()) if normalize else sides
+    scores = torch.cat([s.cpu() for s in ranked])
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sides)])
     onehot = torch.zeros(len(scores) + 1, len(sides), dtype=torch.long)
     onehot[torch.arange(1, len(scores) + 1), owner[torch.argsort(scores, stable=True)]] = 1
