@@ -51,7 +51,7 @@ def compacted_ratio(pruning, example: torch.Tensor) -> float:
     """Prunable weights of the dense network / those left once the masked network is compacted: the ratio a
     ``filter``/``channel`` method must reach."""
     from prunelab.measure import compact
-    from prunelab.pruning.macs_target import count_weights
+    from prunelab.measure.sparsity import layer_table
 
     names = list(pruning.masks.modules)
     dense = sum(m.weight.numel() for m in pruning.masks.modules.values())
@@ -59,7 +59,7 @@ def compacted_ratio(pruning, example: torch.Tensor) -> float:
     training = net.training
     compacted = compact(net.eval(), example.to(next(net.parameters()).device)).net
     net.train(training)
-    return dense / count_weights(compacted, names)
+    return dense / sum(row["nonzero"] for row in layer_table(compacted, names))
 
 
 def achieved(pruning) -> float:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from prunelab.measure import compact, count_macs
+from prunelab.measure.sparsity import layer_table
 from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.masks import Dependent
 
@@ -44,24 +45,15 @@ def masked_copy(net: nn.Module, masks: dict[str, torch.Tensor], dependents: dict
     return clone
 
 
-def count_weights(net: nn.Module, layers: list[str]) -> int:
-    """Nonzero weights of ``layers`` in ``net`` (a layer a method replaced counts the weights of its stages): a
-    compacted ``column`` mask keeps the zeros of columns whose channel still has a reader."""
-    total = 0
-    for name in layers:
-        module = net.get_submodule(name)
-        stages = [module] if isinstance(module, (nn.Conv2d, nn.Linear)) else [
-            m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        total += sum(int(torch.count_nonzero(m.weight.detach())) for m in stages)
-    return total
-
-
 def compacted_cost(net: nn.Module, masks: dict[str, torch.Tensor], dependents: dict[str, list[Dependent]],
                    example_input: torch.Tensor, target: str, layers: list[str]) -> int:
-    """MACs (``target=macs``) or nonzero weights of ``layers`` (``params``) of ``net`` with ``masks`` applied and
-    every removable channel removed."""
+    """MACs (``target=macs``) or nonzero weights of ``layers`` (``params``; a compacted ``column`` mask keeps the
+    zeros of columns whose channel still has a reader) of ``net`` with ``masks`` applied and every removable channel
+    removed."""
     compacted = compact(masked_copy(net, masks, dependents), example_input).net
-    return count_macs(compacted, example_input) if target == "macs" else count_weights(compacted, layers)
+    if target == "macs":
+        return count_macs(compacted, example_input)
+    return sum(row["nonzero"] for row in layer_table(compacted, layers))
 
 
 def sparsity_for_target(
