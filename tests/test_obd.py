@@ -7,7 +7,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from callbacks import dead_rows
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from callbacks import Killed, KillAt, achieved, dead_rows, fit_digits, same_init
 from prunelab.data import DigitsDataModule
 from prunelab.measure import measure
 from prunelab.models import LeNet5
@@ -74,7 +76,63 @@ def test_lowest_saliency_filters_go_and_the_target_is_met(criterion, scope):
     assert pruning.reached == pytest.approx(metrics["compression_compacted"])
 
 
+class Rounds(OBDPruning):
+    """Records the step, the compacted ratio and the dead filters after every pruning round."""
+
+    rounds_seen: list
+
+    def before_batch(self, trainer, pl_module):
+        pruned_before = self.current_sparsity
+        super().before_batch(trainer, pl_module)
+        if self.current_sparsity != pruned_before:
+            dead = {n: dead_rows(self, n).clone() for n in self.masks.modules}
+            self.rounds_seen.append((trainer.global_step, achieved(self), dead))
+
+
+def test_rounds_prune_geometrically_on_fresh_saliencies_and_end_at_the_ratio():
+    torch.manual_seed(0)
+    pruning = Rounds(compression=8, rounds=3, prune_fraction=0.5, fisher_batches=2)
+    pruning.rounds_seen = []
+    fit_digits(LeNet5(image_size=8), pruning, epochs=2, limit_train_batches=6)  # 12 steps, rounds at 0, 2, 4
+    steps, ratios, deads = zip(*pruning.rounds_seen)
+    assert steps == (0, 2, 4)
+    for ratio, want in zip(ratios, (2, 4, 8)):  # round r of 3 reaches 8^(r/3) on the compacted model
+        assert abs(ratio - want) / want < 0.05
+    assert abs(achieved(pruning) - 8) / 8 < 0.02 and pruning.done
+    for earlier, later in zip(deads, deads[1:]):  # a filter pruned in one round stays pruned
+        assert all((later[n] | ~earlier[n]).all() for n in earlier)
+
+
+def test_one_round_is_the_one_shot_prune_at_the_first_step():
+    torch.manual_seed(0)
+    pruning = Rounds(compression=4, rounds=1, fisher_batches=2)
+    pruning.rounds_seen = []
+    fit_digits(LeNet5(image_size=8), pruning, epochs=1, limit_train_batches=4)
+    assert [step for step, _, _ in pruning.rounds_seen] == [0]
+    assert abs(achieved(pruning) - 4) / 4 < 0.02
+
+
+def test_resume_between_rounds_gives_identical_masks(tmp_path):
+    kwargs = dict(compression=8, rounds=4, prune_fraction=0.8, fisher_batches=2)
+    fresh = same_init(lambda: LeNet5(image_size=8))
+    full = OBDPruning(**kwargs)
+    fit_digits(fresh(), full, epochs=4)
+
+    first = OBDPruning(**kwargs)
+    with pytest.raises(Killed):
+        fit_digits(fresh(), first, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+                   ckpt=True)
+    assert 0 < first.current_sparsity and not first.done  # killed between two rounds
+    resumed = OBDPruning(**kwargs)
+    fit_digits(fresh(), resumed, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
+               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
+    assert resumed.done and resumed.final_sparsity == full.final_sparsity
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(rounds=0), r"pruning.rounds=0 must be an integer >= 1"),
+    (dict(prune_fraction=0.0), r"pruning.prune_fraction=0.0 must be a number > 0 and <= 1"),
     (dict(criterion="full"), r"pruning.criterion='full' is not one of: diagonal, kron"),
     (dict(granularity="weight"), r"Unknown OBD option\(s\) \['granularity'\]"),
     (dict(fisher_batches=0), r"pruning.fisher_batches=0 must be an integer >= 1"),

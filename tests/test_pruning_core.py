@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks import compacted_ratio
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import MagnitudePruning, check_compression, groups, schedules
 from prunelab.pruning.allocate import UnreachableCompressionError, allocate
@@ -143,3 +144,25 @@ def test_maskset_keeps_zeros_and_masks_optimizer_state():
     other.load_state_dict(state)
     other.bind(prunable_layers(net))
     assert all(torch.equal(other.masks[n], ms.masks[n]) for n in ms.masks)
+
+
+@pytest.mark.parametrize("granularity, ratio, final", [("weight", 4, 16), ("filter", 2, 4)])
+def test_prune_to_compression_counts_an_intermediate_ratio_as_the_final_one_is_counted(granularity, ratio, final):
+    torch.manual_seed(0)
+    pruning = MagnitudePruning(compression=final, granularity=granularity)
+    pruning.bind(LeNet5(image_size=8))
+    pruning.example_input = torch.zeros(1, 1, 8, 8)
+
+    def reached():  # the compression the method is held to, and the masks' own ratio
+        total, nonzero = pruning.masks.counts()
+        compacted = compacted_ratio(pruning, pruning.example_input) if granularity == "filter" else total / nonzero
+        return compacted, total / nonzero
+
+    pruning.prune_to_compression(ratio)
+    compacted, masked = reached()
+    assert abs(compacted - ratio) / ratio < 0.03 and not pruning.done
+    if granularity == "filter":  # the masks alone leave the weights that read pruned filters
+        assert masked < 0.95 * ratio
+    pruning.prune_to_compression(final)
+    compacted, masked = reached()
+    assert abs(compacted - final) / final < 0.03 and pruning.done and masked <= compacted + 1e-9

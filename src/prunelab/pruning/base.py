@@ -258,10 +258,10 @@ class PruningCallback(pl.Callback):
 
     @torch.no_grad()
     def search(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None,
-               min_sparsity: float = 0.0) -> tuple[float, float]:
-        """(mask sparsity ≥ ``min_sparsity``, ratio reached) closest to :attr:`compression` on the compacted model,
-        ranking groups by the weights (or ``scores``), in ``steps`` bisection steps (default: enough to resolve one
-        group)."""
+               min_sparsity: float = 0.0, compression: float | None = None) -> tuple[float, float]:
+        """(mask sparsity ≥ ``min_sparsity``, ratio reached) closest to ``compression`` (default
+        :attr:`compression`) on the compacted model, ranking groups by the weights (or ``scores``), in ``steps``
+        bisection steps (default: enough to resolve one group)."""
         example = self._example()
         names = list(self.masks.modules)
         dense = (macs_target.count_macs(self.net, example) if self.target == "macs"
@@ -274,7 +274,8 @@ class PruningCallback(pl.Callback):
             masks = self.allocation(sparsity, scores=scores)
             return macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, self.target, names)
 
-        return macs_target.sparsity_for_target(cost_at, dense, self.compression, self.max_sparsity(), steps,
+        compression = self.compression if compression is None else compression
+        return macs_target.sparsity_for_target(cost_at, dense, compression, self.max_sparsity(), steps,
                                                min_sparsity, self.target)
 
     @torch.no_grad()
@@ -293,6 +294,18 @@ class PruningCallback(pl.Callback):
             self.masks.mask_optimizer_state(trainer.optimizers)
         self.current_sparsity = sparsity
         log.debug("%s: pruned to sparsity %.4f (achieved %.4f)", self.method, sparsity, self.masks.sparsity())
+
+    @torch.no_grad()
+    def prune_to_compression(self, compression: float, trainer: pl.Trainer | None = None) -> None:
+        """Prune to an intermediate ratio of a schedule, counted as :attr:`compression` is (on the compacted model
+        under :attr:`counts_compacted`); the requested ratio or more is :meth:`prune_to` the final target."""
+        if compression >= self.compression:
+            self.prune_to(self.final_sparsity, trainer)
+            return
+        sparsity = compression_to_sparsity(compression)
+        if self.counts_compacted and not self.layer_sparsity:
+            sparsity, _ = self.search(min_sparsity=self.current_sparsity, compression=compression)
+        self.prune_to(sparsity, trainer)
 
     @torch.no_grad()
     def prune_groups(self, name: str, pruned: torch.Tensor, trainer: pl.Trainer | None = None) -> None:

@@ -9,15 +9,20 @@ whole filter (output unit) n with weights w̄_n = [W_n, b_n]:
   official code computes Σ_j [(W∘W) A]_nj · G_nn instead (squared weights against row sums of A), which is not a
   quadratic form of w̄_n, so it is not reproduced here.
 
-Both prune once at the start of the fit with the core's exact allocator (the classifier's outputs are never pruned),
-then fine-tune; the pruned filters take their bias and BatchNorm channel with them and are removed physically by
-compaction. The official code ranks the raw saliencies of all layers together, capping each layer at
-``prune_ratio_limit`` of its filters. On small networks that ranking empties the wide fully-connected layers first
-(a filter's saliency estimates the loss change of removing it alone, and fc1 of LeNet-5 has hundreds of small ones):
-it left fc1 of ``lenet5_classic`` one filter of 120 at 8×, and at 32× gave 22.0 % test accuracy on ``mnist5k``
-(3 seeds). The default ``scope=lamp`` ranks the LAMP-normalised saliencies instead (Lee et al., ICLR 2021): same order
-within a layer, scale-free across layers (94.1 % there; ``bench/robustness.py``); ``scope=global`` is the official
-ranking without the cap (``min_keep_fraction`` sets a floor).
+Both prune with the core's exact allocator (the classifier's outputs are never pruned) in ``rounds`` rounds spread over
+the first ``prune_fraction`` of the fit, round r of R to compression^(r/R) on saliencies computed afresh on the network
+the earlier rounds and their fine-tuning left (like the official code's iterative mode, which removes the same share of
+what is left each round; one round = its one-pass mode), then fine-tune; the pruned filters take their bias and
+BatchNorm channel with them and are removed physically by compaction. One-shot at 32× on ``digits``/``lenet5_classic``
+gave 81.3 ± 3.2 % test accuracy (seeds 0-2), three rounds 82.4 ± 3.6, five 88.8 ± 1.7 (``bench/robustness.py``).
+
+The official code ranks the raw saliencies of all layers together, capping each layer at ``prune_ratio_limit`` of its
+filters. On small networks that ranking empties the wide fully-connected layers first (a filter's saliency estimates the
+loss change of removing it alone, and fc1 of LeNet-5 has hundreds of small ones): it left fc1 of ``lenet5_classic`` one
+filter of 120 at 8×, and at 32× gave 22.0 % test accuracy on ``mnist5k`` (3 seeds). The default ``scope=lamp`` ranks the
+LAMP-normalised saliencies instead (Lee et al., ICLR 2021): same order within a layer, scale-free across layers (94.1 %
+there; ``bench/robustness.py``); ``scope=global`` is the official ranking without the cap (``min_keep_fraction`` sets a
+floor).
 """
 
 from __future__ import annotations
@@ -27,16 +32,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from prunelab.pruning import kfac
+from prunelab.pruning import kfac, schedules
 from prunelab.pruning.base import PruningCallback, network_of
-from prunelab.pruning.checks import check_choice, check_int, check_known
+from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 
 CRITERIA = ("diagonal", "kron")
-OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "layers", "exclude", "min_keep", "min_keep_fraction")
+OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "rounds", "prune_fraction", "layers", "exclude",
+           "min_keep", "min_keep_fraction")
 
 
 class OBDPruning(PruningCallback):
-    """One-shot filter pruning by an Optimal-Brain-Damage saliency with a Fisher curvature.
+    """Filter pruning in rounds by an Optimal-Brain-Damage saliency with a Fisher curvature.
 
     Args:
         compression: requested ratio, prunable weights before / nonzero prunable weights after.
@@ -46,6 +52,8 @@ class OBDPruning(PruningCallback):
         seed: seed of the label sampling (``None``: the run's seed).
         scope: ``lamp`` (LAMP-normalised saliencies ranked across layers), ``global`` (raw saliencies, the
             official ranking) or ``layer`` (one ratio for every layer).
+        rounds: pruning rounds, each on fresh saliencies (1: one-shot at the first step).
+        prune_fraction: share of the fit's steps over which the rounds are spread evenly.
         **kwargs: layers, exclude, min_keep, min_keep_fraction (see :class:`PruningCallback`); granularity is
             ``filter``.
     """
@@ -54,7 +62,8 @@ class OBDPruning(PruningCallback):
     ranks_at_start = False  # saliencies come from the Fisher pass at the prune step
 
     def __init__(self, compression: float, criterion: str = "diagonal", fisher_type: str = "true",
-                 fisher_batches: int | None = None, seed: int | None = None, scope: str = "lamp", **kwargs) -> None:
+                 fisher_batches: int | None = None, seed: int | None = None, scope: str = "lamp", rounds: int = 5,
+                 prune_fraction: float = 0.5, **kwargs) -> None:
         check_known("OBD", kwargs, OPTIONS)
         super().__init__(compression, granularity="filter", scope=scope, **kwargs)
         self.criterion = check_choice("criterion", criterion, CRITERIA)
@@ -62,6 +71,8 @@ class OBDPruning(PruningCallback):
         self.fisher_type = check_choice("fisher_type", fisher_type, kfac.FISHER_TYPES)
         self.fisher_batches = None if fisher_batches is None else check_int("fisher_batches", fisher_batches)
         self.seed = None if seed is None else check_int("seed", seed, 0)
+        self.rounds = check_int("rounds", rounds)
+        self.prune_fraction = check_number("prune_fraction", prune_fraction, 0.0, 1.0)
         self.scores: dict[str, torch.Tensor] = {}
         self.generator: torch.Generator | None = None
 
@@ -103,11 +114,20 @@ class OBDPruning(PruningCallback):
     def group_scores(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return self.scores[name]
 
+    def targets(self, trainer: pl.Trainer) -> dict[int, float]:
+        """Round r of R (evenly spaced over the first ``prune_fraction`` of the fit) prunes to compression^(r/R)."""
+        prune_steps = int(self.prune_fraction * int(trainer.estimated_stepping_batches))
+        steps = schedules.update_steps("iterative", prune_steps, self.rounds)
+        return {s: self.compression ** ((i + 1) / len(steps)) for i, s in enumerate(steps)}
+
     def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_step in self._targets and not self.scores:
-            self.scores = self.saliencies(trainer)
-        super().before_batch(trainer, pl_module)
+        ratio = self._targets.get(trainer.global_step)
+        if ratio is None:
+            return
+        self.scores = self.saliencies(trainer)  # on the network the earlier rounds left
+        self.prune_to_compression(ratio, trainer)
         self.scores = {}  # only needed for this allocation; the masks carry the result
+        pl_module.log("prune/target_sparsity", self.current_sparsity, on_step=True, on_epoch=False)
 
     def finalize(self, trainer: pl.Trainer | None) -> None:
         self.scores = self.saliencies(trainer)
@@ -123,4 +143,4 @@ class OBDPruning(PruningCallback):
             self.generator.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "criterion": self.criterion}
+        return {**super().describe(), "criterion": self.criterion, "rounds": self.rounds}
