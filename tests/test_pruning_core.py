@@ -101,6 +101,8 @@ def test_iterative_rounds_remove_equal_fractions():
     keep = [1 - x for x in s]
     assert keep[-1] == pytest.approx(1 / 8)
     assert keep[0] == pytest.approx(0.5) and keep[1] == pytest.approx(0.25)
+    ratios = [schedules.round_compression(r, 3, 8.0) for r in range(3)]  # the same rounds as compression ratios
+    assert ratios[:2] == [pytest.approx(2.0), pytest.approx(4.0)] and ratios[2] == 8.0  # the last one exactly
 
 
 def test_update_steps():

@@ -215,7 +215,8 @@ class EigenDamagePruning(PruningCallback):
         """Factor, score, threshold and replace; ``final`` rounds aim at the target itself and must reach it.
         Returns the number of layers replaced."""
         net = network_of(pl_module)
-        target = self.compression if final else self.compression ** ((self.rounds_done + 1) / self.rounds)
+        target = self.compression if final else schedules.round_compression(self.rounds_done, self.rounds,
+                                                                              self.compression)
         limit = self.fisher_batches
         if self.rounds_done > 0 and self.recalibrate_bn:
             recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin)

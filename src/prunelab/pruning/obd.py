@@ -118,7 +118,7 @@ class OBDPruning(PruningCallback):
         """Round r of R (evenly spaced over the first ``prune_fraction`` of the fit) prunes to compression^(r/R)."""
         prune_steps = int(self.prune_fraction * int(trainer.estimated_stepping_batches))
         steps = schedules.update_steps("iterative", prune_steps, self.rounds)
-        return {s: self.compression ** ((i + 1) / len(steps)) for i, s in enumerate(steps)}
+        return {s: schedules.round_compression(i, len(steps), self.compression) for i, s in enumerate(steps)}
 
     def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ratio = self._targets.get(trainer.global_step)

@@ -29,6 +29,14 @@ def iterative_round_sparsity(round_index: int, rounds: int, final: float) -> flo
     return 1.0 - (1.0 - final) ** ((round_index + 1) / rounds)
 
 
+def round_compression(round_index: int, rounds: int, compression: float) -> float:
+    """Compression after round ``round_index`` (0-based) of ``rounds`` when each round removes the same share of what
+    is left: compression^((r+1)/R), exactly ``compression`` at the last round."""
+    if round_index >= rounds - 1:
+        return compression
+    return compression ** ((round_index + 1) / rounds)
+
+
 def update_steps(mode: str, prune_steps: int, rounds: int = 1, frequency: int = 1) -> list[int]:
     """Steps at which the masks are recomputed.
 
