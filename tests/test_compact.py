@@ -182,3 +182,6 @@ def test_compression_compacted_counts_the_weights_removed_downstream(tmp_path):
     assert metrics["compression"] == pytest.approx(total / masked)
     assert metrics["compression_compacted"] == pytest.approx(total / compacted)
     assert metrics["compression_compacted"] > 1.8 * metrics["compression"]
+    held, _, _ = measure(pruned, dense, prunable, torch.zeros(1, 1, 28, 28), tmp_path, counts_compacted=True)
+    assert held["compression"] == held["compression_compacted"] == metrics["compression_compacted"]
+    assert held["sparsity"] == pytest.approx(1 - compacted / total)  # a structured method's ratio: the compacted one

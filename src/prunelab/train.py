@@ -105,7 +105,8 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
     log.info("measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
              ", latency" if cfg.measure.latency else "")
     with tempfile.TemporaryDirectory() as tmp:
-        metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, out_dir=tmp,
+        compacted = parts.pruning is not None and parts.pruning.counts_compacted
+        metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, tmp, compacted,
                                                 **OmegaConf.to_container(cfg.measure, resolve=True))
         mlflow.log_params(latency_params)  # timing device, GPU mode/dtype/channels_last, 2:4 backend
         mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
@@ -201,9 +202,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics = {"test_acc": test_acc, "dense_test_acc": dense_acc, "acc_drop": dense_acc - test_acc}
             parts.net.cpu(), parts.dense_net.cpu()
             metrics.update(_record_model(cfg, parts, prunable, example, logger.last_step))
-            if parts.pruning is not None and parts.pruning.counts_compacted:  # what the method was asked to reach
-                metrics["compression"] = metrics["compression_compacted"]
-                metrics["sparsity"] = 1.0 - 1.0 / metrics["compression"]
             verdict = collapse.check(parts.net, prunable, example, test_acc, parts.datamodule.num_classes)
             mlflow.set_tags(verdict.tags())
             metrics = rounded(metrics)

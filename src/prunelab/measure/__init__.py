@@ -38,6 +38,7 @@ def measure(
     prunable: list[str],
     example_input: torch.Tensor,
     out_dir: str | Path | None = None,
+    counts_compacted: bool = False,
     *,
     latency: bool = False,
     batch_sizes: Sequence[int] = (1, 64),
@@ -54,12 +55,14 @@ def measure(
     """Final metrics (DESIGN.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
     ``sparsity``/``compression`` are counted on the masked model (layers a method replaced count the weights of their
-    replacement against ``dense``'s, see :func:`layer_table`); ``params``, ``params_nonzero``, ``macs`` and
-    ``compression_compacted`` (``compression`` once the weights that only fed or read removed channels are gone) on its
-    compacted copy (:func:`compact`, which raises :class:`CompactionError` when that copy's logits differ by more than
-    ``atol``). The stored form is written to ``out_dir`` (a temporary folder when ``None``) and its size on disk is
-    ``bytes_stored``; with ``latency`` the raw latency samples go to ``out_dir/latency.json``. The keyword arguments
-    are the ``measure:`` block of ``conf/train.yaml`` (see :func:`prunelab.measure.latency.measure_latency`).
+    replacement against ``dense``'s, see :func:`layer_table`), or with ``counts_compacted`` (a filter/channel/column
+    method, held to its ratio on the compacted model) they are ``compression_compacted``'s; ``params``,
+    ``params_nonzero``, ``macs`` and ``compression_compacted`` (``compression`` once the weights that only fed or read
+    removed channels are gone) on its compacted copy (:func:`compact`, which raises :class:`CompactionError` when that
+    copy's logits differ by more than ``atol``). The stored form is written to ``out_dir`` (a temporary folder when
+    ``None``) and its size on disk is ``bytes_stored``; with ``latency`` the raw latency samples go to
+    ``out_dir/latency.json``. The keyword arguments are the ``measure:`` block of ``conf/train.yaml`` (see
+    :func:`prunelab.measure.latency.measure_latency`).
     """
     check_options({"batch_sizes": batch_sizes, "blocks": blocks, "threads": threads, "min_run_time": min_run_time,
                    "gpu": gpu, "gpu_batch_sizes": gpu_batch_sizes, "gpu_mode": gpu_mode, "gpu_dtype": gpu_dtype,
@@ -76,6 +79,9 @@ def measure(
         metrics["params"], metrics["params_nonzero"] = map(float, _count_params(compacted))
         left = sum(r["nonzero"] for r in layer_table(compacted, prunable, dense))
         metrics["compression_compacted"] = sum(r["params"] for r in rows) / max(left, 1)
+        if counts_compacted:  # the ratio the method was asked to reach
+            metrics["compression"] = metrics["compression_compacted"]
+            metrics["sparsity"] = 1.0 - 1.0 / metrics["compression"]
         metrics["dense_params"] = float(_count_params(dense)[0])
         metrics["compaction_max_abs_diff"] = result.max_abs_diff
         metrics["compaction_channels_removed"] = float(sum(result.removed.values()))
