@@ -37,7 +37,7 @@ def test_acceptance_and_step_size_on_scripted_losses():
     """Four updates on a 4-weight layer kept at 2 weights, ρ = 1, s₀ = 0.5, M = 2, r = 0.5, all worked by hand."""
     net = nn.Sequential(nn.Linear(4, 1, bias=False))
     _set(net, [3.0, -2.0, 0.5, 0.1])
-    cb = SLRPruning(compression=2, rho=1.0, initial_s=0.5, M=2.0, r=0.5)
+    cb = SLRPruning(compression=2, rho=1.0, initial_s=0.5, M=2.0, r=0.5, rho_growth=1.0)
     cb.bind(net)
     cb.init_admm()
     z0 = torch.tensor([[3.0, -2.0, 0.0, 0.0]])
@@ -82,6 +82,24 @@ def test_acceptance_and_step_size_on_scripted_losses():
     torch.testing.assert_close(cb.Z_prev["0"], z4)
     torch.testing.assert_close(cb.U["0"], torch.tensor([[0.0, -0.050561, 0.182751, 0.063798]]))
     assert cb.loss_prev == 1.5  # the loss recorded with W_prev = W₂
+
+
+def test_growing_rho_rescales_u_and_leaves_the_multiplier_unchanged():
+    """ρ doubles after each update up to rho_max; the step rule moves Λ = ρU, which must not jump when ρ does."""
+    fixed, growing = (SLRPruning(compression=2, rho=0.1, initial_s=0.5, M=2.0, r=0.5, rho_growth=g, rho_max=0.3)
+                      for g in (1.0, 2.0))
+    for cb in (fixed, growing):
+        net = nn.Sequential(nn.Linear(4, 1, bias=False))
+        _set(net, [3.0, -2.0, 0.5, 0.1])
+        cb.bind(net)
+        cb.init_admm()
+        _window(cb, 2.0)
+        cb.admm_update()
+    assert fixed.rho == 0.1 and growing.rho == pytest.approx(0.2) and fixed.s == growing.s
+    torch.testing.assert_close(growing.rho * growing.U["0"], fixed.rho * fixed.U["0"])
+    assert growing.U["0"].abs().sum() > 0  # a multiplier did move
+    growing.admm_update()
+    assert growing.rho == 0.3  # capped
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
@@ -145,7 +163,8 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
     ({"r": "0.1"}, r"pruning.r='0.1'"),
     ({"rho": -1}, r"pruning.rho=-1"),
     ({"update_every": 0}, r"pruning.update_every=0"),
-    ({"rho_growth": 1.3}, r"Unknown SLR option\(s\) \['rho_growth'\]"),
+    ({"rho_growth": 0.5}, r"pruning.rho_growth=0.5"),
+    ({"rho": 0.5}, r"pruning.rho_max=0.3 must be >= pruning.rho=0.5"),
     ({"quantize": {"bits": 4}}, r"Unknown SLR option\(s\) \['quantize'\]"),
 ])
 def test_bad_hyperparameters_name_the_value(kwargs, message):

@@ -151,13 +151,19 @@ class ADMMPruning(PruningCallback):
             self.U[n].add_(w[n] - z[n])
         self.Z = z
         primal = math.sqrt(sum(float((w[n] - z[n]).square().sum()) for n in w))
+        self.grow_rho()
+        return {"admm/primal_residual": primal, "admm/z_change": z_change, "admm/rho": self.rho}
+
+    @torch.no_grad()
+    def grow_rho(self) -> None:
+        """ρ ← min(ρ·growth, rho_max) after an update, the scaled dual U = Λ/ρ rescaled by ρ_old/ρ_new so that the
+        multiplier Λ itself is unchanged (Boyd et al. 2011 §3.4.1)."""
         new_rho = self.rho * self.growth
         new_rho = min(new_rho, self.rho_max) if self.rho_max is not None else new_rho
         if self.growth != 1.0 and new_rho != self.rho:  # a fixed ρ is never capped
             for u in self.U.values():
                 u.mul_(self.rho / new_rho)
             self.rho = new_rho
-        return {"admm/primal_residual": primal, "admm/z_change": z_change, "admm/rho": self.rho}
 
     @torch.no_grad()
     def hard_prune(self, trainer: pl.Trainer | None) -> None:
