@@ -34,7 +34,7 @@ DEFAULT_CELLS = ["mnist5k/lenet5", "digits/lenet300"]
 METHODS = {
     "eigendamage": ["pruning=eigendamage"],
     "magnitude-filter": ["pruning=magnitude", "pruning.granularity=filter", "pruning.mode=one_shot"],
-    "c-obd": ["pruning=obd", "pruning.criterion=diagonal"],
+    "c-obd": ["pruning=obd", "pruning.criterion=diagonal", "pruning.rounds=1"],  # one pass, as the other two
 }
 COLUMNS = ("test_acc", "param_compression", "macs_reduction", "speedup_cpu_b1", "speedup_cpu_b64")
 
