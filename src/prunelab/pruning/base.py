@@ -298,7 +298,7 @@ class PruningCallback(pl.Callback):
     @torch.no_grad()
     def prune_to_compression(self, compression: float, trainer: pl.Trainer | None = None) -> None:
         """Prune to an intermediate ratio of a schedule, counted as :attr:`compression` is (on the compacted model
-        under :attr:`counts_compacted`); the requested ratio or more is :meth:`prune_to` the final target."""
+        under :attr:`counts_compacted`); a ratio at or above :attr:`compression` prunes to the final target."""
         if compression >= self.compression:
             self.prune_to(self.final_sparsity, trainer)
             return
