@@ -59,6 +59,35 @@ def test_datasets_are_the_three_splits(make_cfg, tmp_path):
     assert json.loads(inputs["test"].source) == {"tags": {"datamodule": "prunelab.data.DigitsDataModule"}}
 
 
+def test_a_dataset_another_run_inserted_first_is_logged_again_and_other_errors_raise(monkeypatch):
+    """Two runs of a parallel sweep logging the same split at once: the loser's insert fails on the store's unique
+    key (the PostgreSQL message); logging again links the row the winner inserted."""
+    from mlflow.exceptions import MlflowException
+
+    from prunelab.data import DigitsDataModule
+    from prunelab.tracking import model_log
+
+    calls = []
+
+    def log_input(dataset, context):
+        calls.append(context)
+        if calls.count("validation") == 1 and context == "validation":
+            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
+                                  '"dataset_pk"')
+
+    monkeypatch.setattr(mlflow, "log_input", log_input)
+    monkeypatch.setattr(model_log.time, "sleep", lambda seconds: None)
+    model_log.log_datasets("digits", DigitsDataModule(), {})
+    assert calls == ["train", "validation", "validation", "test"]
+
+    def refused(dataset, context):
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run not found")
+
+    monkeypatch.setattr(mlflow, "log_input", refused)
+    with pytest.raises(MlflowException, match="run not found"):
+        model_log.log_datasets("digits", DigitsDataModule(), {})
+
+
 def test_system_metrics_flag_must_be_a_bool(make_cfg, tmp_path):
     with pytest.raises(ValueError, match=r"logger.system_metrics='yes' must be true or false"):
         train(make_cfg("logger.system_metrics=yes"))

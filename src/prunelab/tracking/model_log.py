@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from typing import Any
 
 import mlflow
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,27 @@ def log_datasets(name: str, datamodule: Any, data_cfg: dict[str, Any]) -> None:
     for context, split in (("train", datamodule.train_set), ("validation", datamodule.val_set),
                            ("test", datamodule.test_set)):
         digest = _digest({**identity, "split": context, "size": len(split)})
-        mlflow.log_input(MetaDataset(source, name=name, digest=digest, schema=schema), context=context)
+        _log_input(MetaDataset(source, name=name, digest=digest, schema=schema), context)
+
+
+# what the SQL stores say when an insert meets a row another writer has just added (PostgreSQL, SQLite, MySQL)
+_DUPLICATE_KEY = ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def _log_input(dataset: MetaDataset, context: str, attempts: int = 3) -> None:
+    """``mlflow.log_input``, again when a concurrent run inserted the same dataset first. The tracking store creates
+    a dataset's row on its first use, so the runs of a parallel sweep that log the same split at the same moment race
+    to insert it, and the loser's insert fails on the store's unique key (seen with two jobs on a PostgreSQL tracking
+    server); on the next attempt the row exists and is linked to the run. Any other error is raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            if attempt == attempts or not any(text in str(exc) for text in _DUPLICATE_KEY):
+                raise
+            log.info("dataset %s (%s) was being inserted by another run; logging it again", dataset.name, context)
+            time.sleep(0.2 * attempt)
 
 
 def system_metrics(enabled: object) -> None:
