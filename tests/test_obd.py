@@ -5,9 +5,8 @@ from functools import partial
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
-
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
 
 from callbacks import Killed, KillAt, achieved, dead_rows, fit_digits, same_init
 from prunelab.data import DigitsDataModule
