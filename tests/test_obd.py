@@ -1,4 +1,5 @@
-"""C-OBD and Kron-OBD filter pruning: saliencies are the OBD quadratic forms, the target is met, bad input."""
+"""C-OBD and Kron-OBD filter pruning: saliencies are the OBD quadratic forms, the target is met (in one or several
+rounds), resume between rounds, bad input."""
 
 from functools import partial
 
