@@ -1,6 +1,7 @@
 """A run's whole life in one MLflow record: kill -9 + resume, reconcile, SIGTERM / Ctrl-C, bad input rejected
 before any store exists, checkpoints of another run refused."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from conftest import runs_in
-from prunelab.tracking.lifecycle import reconcile
+from prunelab.tracking.lifecycle import deferred_signals, reconcile, stop_on_signals
 from prunelab.train import train
 
 # long enough a fit (3 epochs of LeNet-5 on mnist5k) that a signal lands inside it
@@ -128,10 +129,24 @@ def test_signal_stops_the_run_killed_with_a_checkpoint_and_nonzero_exit(dense_ca
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err[-3000:]
     (run,) = runs_in(tmp_path)
-    assert run.info.status == "KILLED"
+    assert run.info.status == "KILLED", err[-3000:]
     assert run.data.tags["failure_reason"] == f"Interrupted: {signal.Signals(signum).name} received"
     assert run.data.tags["prunelab.checkpoint"] == str(ckpts / "last.ckpt")
     assert (ckpts / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_a_signal_during_a_store_write_waits_for_the_write_to_end(deferred):
+    """SIGTERM raised inside a SQLite transaction left the run RUNNING ("database is locked" when ending it KILLED):
+    inside deferred_signals() the write finishes first, and the interrupt comes when the block ends."""
+    steps = []
+    with pytest.raises(SystemExit) as stopped, stop_on_signals():
+        with deferred_signals() if deferred else contextlib.nullcontext():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("write finished")
+        steps.append("after the block")
+    assert stopped.value.code == 143
+    assert steps == (["write finished"] if deferred else [])
 
 
 @pytest.mark.parametrize(

@@ -107,6 +107,8 @@ class Interrupted(BaseException):
 
 
 _received: list[int] = []
+_deferring = 0  # depth of deferred_signals() blocks
+_deferred: list[int] = []  # a signal received inside one, raised when the outermost block ends
 
 
 def interrupted() -> Interrupted | None:
@@ -119,7 +121,26 @@ def _raise(signum: int, frame) -> None:
         log.warning("%s received again while stopping; ignored", signal.Signals(signum).name)
         return
     _received.append(signum)
+    if _deferring:
+        _deferred.append(signum)
+        return
     raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Let a tracking-store write finish before a SIGTERM / Ctrl-C that arrives during it stops the run: the
+    interrupt is raised when the block ends. Raised inside a SQLite transaction, it would leave that connection
+    holding the database's write lock, and ending the run KILLED would then fail with "database is locked", the run
+    left RUNNING (tests/test_lifecycle.py met it when the signal came while an epoch's metrics were being logged)."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _deferred:
+        raise Interrupted(_deferred.pop())
 
 
 @contextlib.contextmanager
@@ -142,3 +163,4 @@ def stop_on_signals() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _received.clear()
+        _deferred.clear()

@@ -20,6 +20,7 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
+from prunelab.tracking.lifecycle import deferred_signals
 from prunelab.tracking.record import rounded
 from prunelab.tracking.ui import experiment_tags
 
@@ -234,4 +235,5 @@ class RunLogger(MLFlowLogger):
                 if "test/" not in k}
         self.last_step = max(self.last_step, step or 0)
         if kept:
-            super().log_metrics(rounded(kept), step)
+            with deferred_signals():  # a SIGTERM waits for the write: the run can then be ended KILLED
+                super().log_metrics(rounded(kept), step)
