@@ -109,6 +109,7 @@ def test_update_steps():
     assert schedules.update_steps("one_shot", 100) == [0]
     assert schedules.update_steps("iterative", 90, rounds=3) == [0, 30, 60]
     assert schedules.update_steps("gradual", 25, frequency=10) == [0, 10, 20, 25]
+    assert schedules.round_steps(200, 0.45, rounds=3) == [0, 30, 60]  # three rounds over the first 90 steps
 
 
 @pytest.mark.parametrize("bad", [1, 0.5, -3, "abc", None, True, float("nan"), float("inf")])

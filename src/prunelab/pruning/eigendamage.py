@@ -183,8 +183,8 @@ class EigenDamagePruning(PruningCallback):
     def start(self, trainer: pl.Trainer) -> None:
         total = int(trainer.estimated_stepping_batches)
         self._last_step = total
-        self._steps = [0] if self.mode == "one_pass" else schedules.update_steps(
-            "iterative", int(self.prune_fraction * total), self.rounds)
+        self._steps = [0] if self.mode == "one_pass" else schedules.round_steps(total, self.prune_fraction,
+                                                                                  self.rounds)
         if self.generator is None:
             seed = torch.initial_seed() if self.seed is None else self.seed
             self.generator = torch.Generator().manual_seed(seed % 2**63)

@@ -116,8 +116,7 @@ class OBDPruning(PruningCallback):
 
     def targets(self, trainer: pl.Trainer) -> dict[int, float]:
         """Round r of R (evenly spaced over the first ``prune_fraction`` of the fit) prunes to compression^(r/R)."""
-        prune_steps = int(self.prune_fraction * int(trainer.estimated_stepping_batches))
-        steps = schedules.update_steps("iterative", prune_steps, self.rounds)
+        steps = schedules.round_steps(int(trainer.estimated_stepping_batches), self.prune_fraction, self.rounds)
         return {s: schedules.round_compression(i, len(steps), self.compression) for i, s in enumerate(steps)}
 
     def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -50,3 +50,8 @@ def update_steps(mode: str, prune_steps: int, rounds: int = 1, frequency: int = 
     if mode == "gradual":
         return sorted(set(range(0, prune_steps + 1, max(frequency, 1))) | {prune_steps})
     raise ValueError(f"Unknown schedule mode {mode!r}; valid choices: one_shot, iterative, gradual")
+
+
+def round_steps(total_steps: int, prune_fraction: float, rounds: int) -> list[int]:
+    """Steps of ``rounds`` prune rounds spread evenly over the first ``prune_fraction`` of ``total_steps``."""
+    return update_steps("iterative", int(prune_fraction * total_steps), rounds)
