@@ -149,6 +149,25 @@ def test_a_signal_during_a_store_write_waits_for_the_write_to_end(deferred):
     assert steps == (["write finished"] if deferred else [])
 
 
+def test_a_signal_during_the_runs_own_writes_lets_them_finish_then_ends_killed(make_cfg, tmp_path, monkeypatch):
+    """Every store write of train() waits out a SIGTERM, not only the curves: here it lands as the run's params are
+    being logged; they are all recorded, then the run ends KILLED with exit status 143."""
+    cfg = make_cfg("pruning=magnitude", "logger.log_model=false", "measure.latency=false")
+    log_params = mlflow.log_params
+
+    def interrupted_write(params, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, before the write itself
+        return log_params(params, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_params", interrupted_write)
+    with pytest.raises(SystemExit) as stopped, stop_on_signals():
+        train(cfg)
+    assert stopped.value.code == 143
+    (run,) = runs_in(tmp_path)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["failure_reason"] == "Interrupted: SIGTERM received"
+    assert run.data.params["method"] == "magnitude" and run.data.params["seed"] == "0"
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -29,7 +29,7 @@ from prunelab.models.classifier import Classifier
 from prunelab.progress import EpochLine
 from prunelab.pruning import PruningCallback
 from prunelab.tracking import collapse, model_log, resume, sweep, ui
-from prunelab.tracking.lifecycle import interrupted, reconcile, stop_on_signals
+from prunelab.tracking.lifecycle import deferred_signals, interrupted, reconcile, stop_on_signals
 from prunelab.tracking.record import rounded, run_params, summary
 from prunelab.tracking.store import RunLogger, open_experiment
 
@@ -108,25 +108,26 @@ def _record_model(cfg: DictConfig, parts: Parts, prunable: list[str], example: t
         compacted = parts.pruning is not None and parts.pruning.counts_compacted
         metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, tmp, compacted,
                                                 **OmegaConf.to_container(cfg.measure, resolve=True))
-        mlflow.log_params(latency_params)  # timing device, GPU mode/dtype/channels_last, 2:4 backend
-        mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
-        stored = getattr(parts.pruning, "stored_bytes", None)
-        quantized = stored(Path(tmp) / "model_quantized.npz") if stored else None
-        if quantized is not None:  # the method's own stored form (e.g. ADMM-NN: indices + codes + one step per layer)
-            metrics["bytes_stored"] = float(quantized)
-            metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
-        if (Path(tmp) / LATENCY_FILE).exists():
-            mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
-        if cfg.logger.log_model:
-            log.info("logging the model to MLflow")
-            model_log.log_model(parts.net, example, step)  # runs:/<run id>/model
-            torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
-            files = ["model_state.pt", "model_sparse.npz"] + (["model_quantized.npz"] if quantized is not None else [])
-            for name in files:
-                mlflow.log_artifact(str(Path(tmp) / name), "weights")
-            log_description(parts.net)  # weights/architecture.json: rebuild(net, it) before loading the weights
-    model_log.log_datasets(cfg.names.data, parts.datamodule, OmegaConf.to_container(cfg.data, resolve=True))
-    mlflow.log_metrics(rounded({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows}), step=step)
+        with deferred_signals():  # a SIGTERM / Ctrl-C waits for these store writes (lifecycle.deferred_signals)
+            mlflow.log_params(latency_params)  # timing device, GPU mode/dtype/channels_last, 2:4 backend
+            mlflow.log_text(format_table(rows), "sparsity_per_layer.md")
+            stored = getattr(parts.pruning, "stored_bytes", None)
+            quantized = stored(Path(tmp) / "model_quantized.npz") if stored else None
+            if quantized is not None:  # the method's stored form (e.g. ADMM-NN: indices + codes + one step per layer)
+                metrics["bytes_stored"] = float(quantized)
+                metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
+            if (Path(tmp) / LATENCY_FILE).exists():
+                mlflow.log_artifact(str(Path(tmp) / LATENCY_FILE))
+            if cfg.logger.log_model:
+                log.info("logging the model to MLflow")
+                model_log.log_model(parts.net, example, step)  # runs:/<run id>/model
+                torch.save(parts.net.state_dict(), Path(tmp) / "model_state.pt")
+                files = ["model_state.pt", "model_sparse.npz"]
+                for name in files + (["model_quantized.npz"] if quantized is not None else []):
+                    mlflow.log_artifact(str(Path(tmp) / name), "weights")
+                log_description(parts.net)  # weights/architecture.json: rebuild(net, it) before loading the weights
+            model_log.log_datasets(cfg.names.data, parts.datamodule, OmegaConf.to_container(cfg.data, resolve=True))
+            mlflow.log_metrics(rounded({f"layer_sparsity/{r['layer']}": r["sparsity"] for r in rows}), step=step)
     return metrics
 
 
@@ -179,14 +180,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with resume.start_run(parts.resume, experiment_id=exp_id, run_name=run_name, parent_run_id=parent,
                           tags=tags) as run:
         try:
-            mlflow.log_params(resume.new_params(run, params))
-            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            with deferred_signals():  # every store write of the run ends before a SIGTERM / Ctrl-C stops it
+                mlflow.log_params(resume.new_params(run, params))
+                mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             logger = RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri, run_id=run.info.run_id)
             dense = dense_baseline(cfg, parts.dense_net, parts.datamodule,
                                    logger=RunLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=uri,
                                                     run_id=run.info.run_id, prefix="dense"))
-            mlflow.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path),
-                             "mlflow.runColor": ui.method_color(params["method"])})
+            with deferred_signals():
+                mlflow.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path),
+                                 "mlflow.runColor": ui.method_color(params["method"])})
             parts.net.load_state_dict(dense.state_dict)
             dense_acc = 100.0 * dense.meta["test_acc"]
             if parts.pruning is not None:
@@ -203,10 +206,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             parts.net.cpu(), parts.dense_net.cpu()
             metrics.update(_record_model(cfg, parts, prunable, example, logger.last_step))
             verdict = collapse.check(parts.net, prunable, example, test_acc, parts.datamodule.num_classes)
-            mlflow.set_tags(verdict.tags())
             metrics = rounded(metrics)
-            mlflow.log_metric("test_acc", metrics["dense_test_acc"], step=0)  # the model before pruning
-            mlflow.log_metrics(metrics, step=logger.last_step)  # final values at the last training step
+            with deferred_signals():
+                mlflow.set_tags(verdict.tags())
+                mlflow.log_metric("test_acc", metrics["dense_test_acc"], step=0)  # the model before pruning
+                mlflow.log_metrics(metrics, step=logger.last_step)  # final values at the last training step
         except BaseException as exc:
             _end_failed(exc)
             raise
