@@ -5,6 +5,7 @@
     python bench/robustness.py --report                  # print the table again from the runs already recorded
     python bench/robustness.py --jobs 2                  # parallel jobs (Hydra's joblib launcher)
     python bench/robustness.py --report --root A B       # one table from several roots (B's runs replace A's)
+    python bench/robustness.py --methods admm --root R -- pruning.rho=0.01   # Hydra overrides for every run, after --
 
 Every run is the real CLI with the default budget (``finetune.epochs=auto``), one Hydra multirun per cell, in a
 private PRUNELAB_ROOT (default ``outputs/bench_robustness``; the dense baselines are cached there per seed). Prints

@@ -1,6 +1,7 @@
 """ADMM pruning: exact projections, Z/U arithmetic, no regrowth, resume, ADMM-NN quantization, bad input."""
 
 import math
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -154,6 +155,58 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
     assert resumed.phase == full.phase == "finetune"
 
 
+@pytest.mark.parametrize("retrain", ["restart", "continue"])
+def test_masked_retraining_restarts_the_optimizer_and_the_cosine_schedule(retrain):
+    """retrain=restart: from the hard prune on, Adam starts afresh (step count 1 after the first retraining step) and
+    the cosine LR is back at its initial value, decaying to zero by the end; continue: both go on."""
+    pruning, seen = ADMMPruning(compression=8, update_every=3, retrain=retrain), {}
+    cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=6)
+
+    class Peek(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            optimizer = trainer.optimizers[0]
+            steps = {float(optimizer.state[p]["step"]) for p in pl_module.parameters()}
+            seen.setdefault(trainer.global_step - 1, (optimizer.param_groups[0]["lr"], steps))
+
+    trainer = fit_digits(LeNet300(image_size=8), pruning, epochs=6, scheduler=cosine, callbacks=[Peek()])
+    prune_step = pruning.hard_prune_step
+    assert 0 < prune_step < trainer.global_step - 1 and pruning.done
+    lr, steps = seen[prune_step]
+    before, _ = seen[prune_step - 1]
+    if retrain == "restart":
+        assert lr == pytest.approx(1e-3) and before < 0.9e-3 and steps == {1.0}
+    else:
+        assert lr == before and steps == {float(prune_step + 1)}
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+    assert all(int(m.weight.detach()[~pruning.masks.masks[n]].count_nonzero()) == 0
+               for n, m in pruning.masks.modules.items())
+
+def test_resume_after_the_restart_keeps_the_restarted_schedule(tmp_path):
+    """Killed during the masked retraining, the run resumes on the restarted cosine (its horizon and position) and
+    is not restarted a second time: the LR at every later step and the final masks equal the uninterrupted run's."""
+    kwargs, cosine = dict(compression=8, update_every=3), partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=6)
+    fresh = same_init(lambda: LeNet300(image_size=8))
+    lrs = {"full": {}, "resumed": {}}
+
+    def peek(key):
+        class Peek(pl.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                lrs[key][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+        return Peek()
+
+    full = ADMMPruning(**kwargs)
+    fit_digits(fresh(), full, epochs=6, scheduler=cosine, callbacks=[peek("full")])
+    first = ADMMPruning(**kwargs)
+    with pytest.raises(Killed):
+        fit_digits(fresh(), first, epochs=6, scheduler=cosine, ckpt=True,
+                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(4)])
+    assert first.done  # killed in the masked retraining, after the restart
+    resumed = ADMMPruning(**kwargs)
+    fit_digits(fresh(), resumed, epochs=6, scheduler=cosine, ckpt=True, ckpt_path=tmp_path / "last.ckpt",
+               callbacks=[peek("resumed"), ModelCheckpoint(dirpath=tmp_path / "b")])
+    assert lrs["resumed"] and all(lr == pytest.approx(lrs["full"][step]) for step, lr in lrs["resumed"].items())
+    assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
+
 def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):
     bits = {"conv1": 6, "conv2": 5, "fc1": 4, "fc2": 5}
     pruning = ADMMPruning(compression=8, rho=0.05, update_every=3, quantize={"bits": bits})
@@ -181,6 +234,7 @@ def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):
     ({"update_every": 0}, r"pruning.update_every=0"),
     ({"update_unit": "minutes"}, r"pruning.update_unit='minutes'"),
     ({"admm_fraction": 0.0}, r"pruning.admm_fraction=0.0"),
+    ({"retrain": "rewind"}, r"pruning.retrain='rewind' is not one of: restart, continue"),
     ({"quantize": {"bits": 1}}, r"pruning.quantize.bits=1 must be an integer in \[2, 16\]"),
     ({"quantize": {"bits": {"fc1": 1}}}, r"pruning.quantize.bits.fc1=1"),
     ({"quantize": {"bitz": 4}}, r"\['bitz'\] in pruning.quantize"),

@@ -25,8 +25,9 @@ from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, scan_
 log = logging.getLogger(__name__)
 
 UPDATE_UNITS = ("steps", "epochs")
+RETRAIN = ("restart", "continue")
 AUTO_GROWTH = "auto"
-OPTIONS = ("rho", "rho_growth", "rho_max", "update_every", "update_unit", "admm_fraction", "quantize",
+OPTIONS = ("rho", "rho_growth", "rho_max", "update_every", "update_unit", "admm_fraction", "retrain", "quantize",
            "eval_after_hard_prune", *BASE_OPTIONS)
 
 
@@ -40,12 +41,17 @@ class ADMMPruning(PruningCallback):
             code), or ``"auto"``: the factor that takes ρ from ``rho`` to ``rho_max`` at the phase's last update,
             whatever the number of updates (a growing ρ as in the later ADMM code, github.com/yeshaokai/
             Robustness-Aware-Pruning-ADMM ``admm_multi_rho_scheduler``, with its end point fixed instead of its
-            factor). Default: 0.01 → 0.3; a fixed ρ either left the weights far from Z at the hard prune or chose
-            the support before the loss had a say (``bench/robustness.py``, README "Defaults across cells").
+            factor). Default: 0.001 (the RAP MNIST config's ρ) → 0.3; a fixed ρ either left the weights far from Z
+            at the hard prune or chose the support before the loss had a say (``bench/robustness.py``, README "Why ρ
+            rises").
         rho_max: cap on ρ when it grows (``None``: no cap); with ``rho_growth="auto"`` the ρ of the hard prune.
         update_every: Z/U update period, in ``update_unit``.
         update_unit: ``steps`` (optimizer steps) or ``epochs``.
         admm_fraction: share of the fit's steps spent in the ADMM phase; the rest retrains with fixed masks.
+        retrain: ``restart`` (the masked retraining starts with a fresh optimizer state and the cosine LR schedule
+            restarted over the steps left, as the authors' TF code retrains with a new Adam at the initial LR and the
+            RAP code's retrain stage is a run of its own; see :meth:`PruningCallback.restart_training`) or
+            ``continue`` (optimizer state and schedule go on).
         quantize: ``None`` or ``{bits: int | {layer: int}}`` or ``{levels_per_side: int | {layer: int}}``.
         eval_after_hard_prune: validation accuracy right after the hard prune (``<method>/acc_after_hard_prune``).
         **kwargs: granularity, scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
@@ -53,10 +59,10 @@ class ADMMPruning(PruningCallback):
 
     method = "admm"
 
-    def __init__(self, compression: float, rho: float = 1e-2, rho_growth: float | str = AUTO_GROWTH,
+    def __init__(self, compression: float, rho: float = 1e-3, rho_growth: float | str = AUTO_GROWTH,
                  rho_max: float | None = 0.3,
-                 update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5, quantize=None,
-                 eval_after_hard_prune: bool = True, **kwargs) -> None:
+                 update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
+                 retrain: str = "restart", quantize=None, eval_after_hard_prune: bool = True, **kwargs) -> None:
         check_known("ADMM", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)
         self.rho0 = self.rho = check_number("rho", rho, 0.0)
@@ -74,6 +80,7 @@ class ADMMPruning(PruningCallback):
         self.update_every = check_int("update_every", update_every)
         self.update_unit = check_choice("update_unit", update_unit, UPDATE_UNITS)
         self.admm_fraction = check_number("admm_fraction", admm_fraction, 0.0, 1.0)
+        self.retrain = check_choice("retrain", retrain, RETRAIN)
         self.quant = QuantSpec.from_config(quantize)
         self.eval_after_hard_prune = bool(eval_after_hard_prune)
         self.Z: dict[str, torch.Tensor] = {}
@@ -187,6 +194,8 @@ class ADMMPruning(PruningCallback):
         step = trainer.global_step
         if step >= self.hard_prune_step:
             self.hard_prune(trainer)
+            if self.retrain == "restart":
+                self.restart_training(trainer)
             pl_module.log("prune/target_sparsity", self.final_sparsity, on_step=False, on_epoch=True)
             if self.eval_after_hard_prune:
                 self.acc_after_hard_prune = self.val_accuracy(trainer, pl_module)

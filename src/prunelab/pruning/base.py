@@ -445,6 +445,27 @@ class PruningCallback(pl.Callback):
             self.finalize(trainer)
 
     # ----------------------------------------------------------------- helpers for methods
+    def restart_training(self, trainer: pl.Trainer) -> None:
+        """Go on as a fresh training run of the pruned network would: every optimizer's state (moments, step counts)
+        is cleared and a cosine LR schedule restarts at its initial LR over the epochs (or steps) left, a warm
+        restart (Loshchilov & Hutter 2017, arXiv 1608.03983). Other schedulers go on as they were, with a warning."""
+        for optimizer in trainer.optimizers:
+            optimizer.state.clear()
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if type(scheduler) is not torch.optim.lr_scheduler.CosineAnnealingLR:
+                log.warning("%s: the retraining goes on with %s as it was (only a cosine schedule is restarted)",
+                            self.method, type(scheduler).__name__)
+                continue
+            if config.interval == "step":
+                left = int(trainer.estimated_stepping_batches) - trainer.global_step
+            else:
+                left = int(trainer.max_epochs) - trainer.current_epoch
+            scheduler.T_max, scheduler.last_epoch = max(left, 1), 0
+            for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = lr
+            scheduler._last_lr = list(scheduler.base_lrs)  # what get_last_lr() reports
+
     @torch.no_grad()
     def val_accuracy(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
         """Accuracy (fraction) on the validation set now, without touching the training run's random stream."""

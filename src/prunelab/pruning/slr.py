@@ -54,8 +54,8 @@ class SLRPruning(ADMMPruning):
         initial_s: first multiplier step size s₀.
         M: step-size parameter M > 1 (α_1 = 1 − 1/M).
         r: step-size parameter 0 < r < 1.
-        update_every, update_unit, admm_fraction, eval_after_hard_prune: as :class:`ADMMPruning` (one SLR update
-            per period; then the hard prune, ``slr/acc_after_hard_prune``, and masked retraining).
+        update_every, update_unit, admm_fraction, retrain, eval_after_hard_prune: as :class:`ADMMPruning` (one SLR
+            update per period; then the hard prune, ``slr/acc_after_hard_prune``, and masked retraining).
         **kwargs: granularity, scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
     """
 
@@ -63,11 +63,11 @@ class SLRPruning(ADMMPruning):
 
     def __init__(self, compression: float, rho: float = 1e-2, initial_s: float = 1e-2, M: float = 300.0,
                  r: float = 0.1, update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
-                 eval_after_hard_prune: bool = True, rho_growth: float | str = AUTO_GROWTH, rho_max: float | None = 0.3,
-                 **kwargs) -> None:
+                 retrain: str = "restart", eval_after_hard_prune: bool = True, rho_growth: float | str = AUTO_GROWTH,
+                 rho_max: float | None = 0.3, **kwargs) -> None:
         check_known("SLR", kwargs, BASE_OPTIONS)
         super().__init__(compression, rho=rho, rho_growth=rho_growth, rho_max=rho_max, update_every=update_every,
-                         update_unit=update_unit, admm_fraction=admm_fraction,
+                         update_unit=update_unit, admm_fraction=admm_fraction, retrain=retrain,
                          eval_after_hard_prune=eval_after_hard_prune, **kwargs)
         self.s0 = self.s = check_number("initial_s", initial_s, 0.0)
         self.M = check_number("M", M, 1.0)
