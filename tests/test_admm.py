@@ -181,6 +181,7 @@ def test_masked_retraining_restarts_the_optimizer_and_the_cosine_schedule(retrai
     assert all(int(m.weight.detach()[~pruning.masks.masks[n]].count_nonzero()) == 0
                for n, m in pruning.masks.modules.items())
 
+
 def test_resume_after_the_restart_keeps_the_restarted_schedule(tmp_path):
     """Killed during the masked retraining, the run resumes on the restarted cosine (its horizon and position) and
     is not restarted a second time: the LR at every later step and the final masks equal the uninterrupted run's."""
@@ -206,6 +207,7 @@ def test_resume_after_the_restart_keeps_the_restarted_schedule(tmp_path):
                callbacks=[peek("resumed"), ModelCheckpoint(dirpath=tmp_path / "b")])
     assert lrs["resumed"] and all(lr == pytest.approx(lrs["full"][step]) for step, lr in lrs["resumed"].items())
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
+
 
 def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):
     bits = {"conv1": 6, "conv2": 5, "fc1": 4, "fc2": 5}

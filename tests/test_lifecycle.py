@@ -168,6 +168,7 @@ def test_a_signal_during_the_runs_own_writes_lets_them_finish_then_ends_killed(m
     assert run.data.tags["failure_reason"] == "Interrupted: SIGTERM received"
     assert run.data.params["method"] == "magnitude" and run.data.params["seed"] == "0"
 
+
 @pytest.mark.parametrize(
     "override, message",
     [
