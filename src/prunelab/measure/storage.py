@@ -1,4 +1,8 @@
-"""Bytes on disk: the dense float32 model vs the stored pruned form (bitmask + nonzero values)."""
+"""Bytes on disk: the dense float32 model vs the stored pruned form.
+
+:func:`save_encoded` writes the form papers count (relative indices + Huffman coding, :mod:`.encoding`);
+:func:`save_sparse` (bitmask + float32 values in an .npz) stays for the ``model_sparse.npz`` artifact and readers of it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from prunelab.measure.encoding import decode, encode
 
 
 def _arrays(net: nn.Module, sparse: set[str]) -> dict[str, np.ndarray]:
@@ -59,3 +65,26 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             flat[nz] = data[f"{name}::values"]
             state[name] = torch.from_numpy(flat.reshape(shape))
     return state
+
+
+def save_encoded(net: nn.Module, path: str | os.PathLike, prunable: list[str],
+                 codes: dict[str, tuple[float, int]] | None = None) -> int:
+    """Write ``net`` in the stored form of :func:`prunelab.measure.encoding.encode`; return the file size in bytes.
+
+    Args:
+        net: the pruned network.
+        path: file to write.
+        prunable: module names whose ``weight`` is stored sparse (names the network no longer has, e.g. layers a
+            method replaced, are skipped as in :func:`save_sparse`).
+        codes: ``{module name: (q, levels per side)}`` of quantized layers (weights on ``±k·q`` or zero).
+    """
+    state = net.state_dict()
+    blob = encode(state, [f"{n}.weight" for n in prunable if f"{n}.weight" in state],
+                  {f"{n}.weight": spec for n, spec in (codes or {}).items()})
+    Path(path).write_bytes(blob)
+    return Path(path).stat().st_size
+
+
+def load_encoded(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`save_encoded`: the state dict, bit for bit."""
+    return decode(Path(path).read_bytes())
