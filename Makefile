@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow sweep report regress ui bench clean
+.PHONY: help venv train test test-slow sweep report regress ui bench docs docs-serve clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000
 
 bench: $(STAMP) ## time `make train` with a fresh and with a cached dense baseline
 	$(PY) bench/train_time.py
+
+docs: $(STAMP) ## build the documentation site into site/ (mkdocs build --strict: broken links and pages off the nav fail)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP) ## serve the documentation on http://127.0.0.1:8000, rebuilt on every save
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
 clean: ## remove outputs (runs, MLflow store, dense cache); keeps the venv
 	rm -rf outputs
