@@ -1,4 +1,4 @@
-"""The MLflow REST API of a locally started server lists prunelab runs under the DESIGN.md metric names."""
+"""The MLflow REST API of a locally started server lists prunelab runs under the fixed metric names (docs/mlflow.md)."""
 
 import json
 import socket

@@ -52,7 +52,7 @@ def measure(
     channels_last: bool = False,
     atol: float = 1e-4,
 ) -> tuple[dict[str, float], list[dict], dict[str, str]]:
-    """Final metrics (DESIGN.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
+    """Final metrics (docs/mlflow.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
     ``sparsity``/``compression`` are counted on the masked model (layers a method replaced count the weights of their
     replacement against ``dense``'s, see :func:`layer_table`), or with ``counts_compacted`` (a filter/channel/column

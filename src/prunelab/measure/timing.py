@@ -11,7 +11,7 @@ import torch
 
 @dataclass
 class LatencyResult:
-    """Metrics with DESIGN.md names (ms, speedups), every raw sample (ms, JSON-ready) and run params (strings)."""
+    """Metrics with docs/mlflow.md names (ms, speedups), every raw sample (ms, JSON-ready) and run params (strings)."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     samples: dict = field(default_factory=dict)

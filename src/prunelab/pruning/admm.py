@@ -1,5 +1,5 @@
 """ADMM weight pruning (Zhang et al. 2018, arXiv 1804.03294) with structured projections and ADMM-NN joint
-quantization (Ye et al. 2019, arXiv 1812.11677). METHODS.md §1.
+quantization (Ye et al. 2019, arXiv 1812.11677). docs/methods/admm.md.
 
 Phases: ``prune`` (the ADMM phase) trains the dense weights with the augmented-Lagrangian term Σ ρ/2‖W − Z + U‖²_F,
 updating Z ← Π(W + U), U ← U + W − Z every period; then a hard prune (masks = support of Π(W)); then ``finetune``
@@ -174,7 +174,7 @@ class ADMMPruning(PruningCallback):
 
     @torch.no_grad()
     def hard_prune(self, trainer: pl.Trainer | None) -> None:
-        """Masks = support of Π(W); zero the pruned weights and their optimizer state (METHODS.md pitfall c);
+        """Masks = support of Π(W); zero the pruned weights and their optimizer state (or momentum regrows them);
         snap quantized layers to their levels."""
         self.prune_to(self.final_sparsity, trainer)
         if self.quant is not None:

@@ -1,7 +1,7 @@
 """Granularity views of a weight tensor: which elements are pruned together.
 
 A Conv2d weight ``W`` of shape ``(N, C, kh, kw)`` (Linear: ``(N, C)``) is viewed as ``(N, C, K)`` with
-``K = kh·kw``. The im2col matrix of METHODS.md is ``W₂ = W.view(N, C·K)``, so:
+``K = kh·kw``. The im2col matrix (docs/configuration.md, granularities) is ``W₂ = W.view(N, C·K)``, so:
 
 - ``weight``: every element is its own group;
 - ``filter``: a row of W₂ — one output filter/neuron ``W[n]``;

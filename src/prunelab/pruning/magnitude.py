@@ -1,5 +1,5 @@
 """Magnitude pruning baselines: one-shot and iterative prune–retrain (Han et al. 2015, arXiv 1506.02626) and
-gradual pruning with the cubic schedule (Zhu & Gupta 2017, arXiv 1710.01878). METHODS.md §6."""
+gradual pruning with the cubic schedule (Zhu & Gupta 2017, arXiv 1710.01878). docs/methods/magnitude.md."""
 
 from __future__ import annotations
 

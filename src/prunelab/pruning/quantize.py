@@ -1,4 +1,4 @@
-"""ADMM-NN weight quantization (Ye et al. 2019, arXiv 1812.11677; METHODS.md §1 "ADMM-NN quantization projection").
+"""ADMM-NN weight quantization (Ye et al. 2019, arXiv 1812.11677; docs/methods/admm.md, "ADMM-NN quantization").
 
 Levels are uniform, symmetric and exclude zero: ``{±q, ±2q, …, ±Mq}``; exact zeros (pruned weights) stay zero. The
 stored form written by :func:`save_quantized` is what ``bytes_stored`` counts: per quantized layer Huffman-coded

@@ -6,7 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-# Final metrics every run logs (DESIGN.md); dashboards and the regression gate read these names.
+# Final metrics every run logs (docs/mlflow.md); dashboards and the regression gate read these names.
 FINAL_METRICS = (
     "test_acc", "dense_test_acc", "acc_drop",
     "sparsity", "compression", "compression_compacted",
@@ -47,7 +47,7 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 
 def run_params(cfg: DictConfig, describe: dict[str, Any]) -> dict[str, str]:
-    """The fixed params of DESIGN.md plus the flattened config."""
+    """The fixed params (docs/mlflow.md) plus the flattened config."""
     fixed = {
         "method": describe.get("method", "none"),
         "dataset": cfg.names.data,
