@@ -2,7 +2,8 @@
 
 Every model takes ``in_channels``, ``image_size`` (height = width) and ``num_classes`` keyword
 arguments and returns logits of shape ``(N, num_classes)``. :data:`MODELS` maps the names used by
-the Hydra configs in ``conf/model/`` to constructors.
+the Hydra configs in ``conf/model/`` to constructors. :func:`instantiate_model` builds any model config
+(torchvision, timm, a user's ``nn.Module``) with the shape arguments its constructor takes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from prunelab.models.factory import RepeatChannels, instantiate_model, timm_model, torchvision_model
 from prunelab.models.lenet import LeNet5, LeNet5Classic, LeNet300
 from prunelab.models.mlp import MLP
 from prunelab.models.resnet import BasicBlock, ResNet, ResNet20, ResNet32, ResNet56
@@ -46,9 +48,13 @@ __all__ = [
     "LeNet5Classic",
     "LeNet300",
     "MLP",
+    "RepeatChannels",
     "ResNet",
     "ResNet20",
     "ResNet32",
     "ResNet56",
     "build_model",
+    "instantiate_model",
+    "timm_model",
+    "torchvision_model",
 ]
