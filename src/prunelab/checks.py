@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from prunelab.tracking.store import check_tracking_uri
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:
@@ -14,7 +20,13 @@ def _positive_int(cfg: DictConfig, key: str) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Epoch counts and tracking options, before anything is built."""
+    """Seed, threads, epoch counts, paths and tracking options, before anything is built."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32)")
+    threads = cfg.get("num_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"num_threads={threads!r} must be an integer ≥ 1, or null for torch's default")
     _positive_int(cfg, "dense.epochs")
     if cfg.finetune.epochs != "auto":
         _positive_int(cfg, "finetune.epochs")
@@ -23,3 +35,35 @@ def check_config(cfg: DictConfig) -> None:
     timeout = cfg.logger.get("connect_timeout", 10)
     if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < timeout < float("inf"):
         raise ValueError(f"logger.connect_timeout={timeout!r} must be a number of seconds > 0")
+    check_tracking_uri(cfg.logger.get("tracking_uri"))
+    _check_writable(cfg)
+
+
+def _check_writable(cfg: DictConfig) -> None:
+    """The output folder can be created (its nearest existing parent is a writable folder)."""
+    folder = Path(cfg.paths.output_dir).expanduser().absolute()
+    parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        source = "PRUNELAB_ROOT" if os.environ.get("PRUNELAB_ROOT") else "paths.root_dir"
+        raise ValueError(f"paths.output_dir={str(folder)!r} cannot be created: {parent} is not a writable folder. "
+                         f"Set {source} (PRUNELAB_ROOT or paths.root_dir) to a folder you can write to")
+
+
+def check_optimizers(cfg: DictConfig) -> None:
+    """Build each stage's optimizer and scheduler on a stand-in parameter, so a bad value (a negative learning rate,
+    an unknown argument) fails before training, naming its key."""
+    for stage in ("dense", "finetune"):
+        try:
+            optimizer = instantiate(cfg[stage].optimizer)([torch.zeros(1, requires_grad=True)])
+        except Exception as exc:
+            raise ValueError(f"{stage}.optimizer is not valid: {_reason(exc)}") from None
+        if cfg[stage].get("scheduler") is not None:
+            try:
+                instantiate(cfg[stage].scheduler)(optimizer)
+            except Exception as exc:
+                raise ValueError(f"{stage}.scheduler is not valid: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"

@@ -3,10 +3,15 @@
 Entries live under ``paths.cache_dir/<data>-<model>-s<seed>-<digest>/`` as ``model.pt`` (state dict) and
 ``meta.json`` (the identity that was hashed, accuracy, training time). A file lock makes parallel jobs of one sweep
 wait for the first one to finish training instead of training the same baseline twice.
+
+In a run of several processes only rank 0 touches the cache (and its lock): it reads the entry and sends the
+weights to the other ranks, or every rank trains the baseline together (DDP) and rank 0 writes it. An entry that
+does not load (a truncated file) is trained again, with a warning naming its folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +26,7 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.distributed import Ranks, test_accuracy
 from prunelab.models.classifier import Classifier
 from prunelab.progress import EpochLine
 
@@ -70,30 +76,58 @@ def _train(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataMo
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return {"test_acc": float(test["test/acc"]), "val_acc": val.get("val/acc"), "train_seconds": seconds}
+    return {"test_acc": test_accuracy(trainer, module, datamodule), "val_acc": val.get("val/acc"),
+            "train_seconds": seconds}
 
 
-def dense_baseline(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger=None) -> DenseBaseline:
-    """Load the cached dense weights into ``net``, or train ``net`` and cache it."""
-    folder = cache_dir(cfg)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+def _read(folder: Path, net: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The cached weights and meta of ``folder`` when it holds a complete entry that loads into ``net``."""
     weights, meta_file = folder / "model.pt", folder / "meta.json"
-    with FileLock(str(folder) + ".lock"):
-        if weights.exists() and meta_file.exists():
-            meta = json.loads(meta_file.read_text())
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+    if not (weights.exists() and meta_file.exists()):
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+        meta["test_acc"] = float(meta["test_acc"])
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files: train the entry again
+        log.warning("dense baseline: the cache entry %s does not load (%s: %s); training it again", folder,
+                    type(exc).__name__, str(exc)[:200])
+        return None
+    return state, meta
+
+
+def _write(cfg: DictConfig, folder: Path, net: torch.nn.Module, result: dict[str, Any]) -> dict[str, Any]:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    tmp = folder / "model.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(folder / "model.pt")  # atomic: a reader never sees half a file
+    meta = {"identity": identity(cfg), **result, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(folder / "meta.json")
+    return meta
+
+
+def dense_baseline(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger=None,
+                   ranks: Ranks | None = None) -> DenseBaseline:
+    """Load the cached dense weights into ``net``, or train ``net`` and cache it (with every rank of ``ranks``)."""
+    ranks = ranks or Ranks()
+    folder = cache_dir(cfg)
+    lock = FileLock(str(folder) + ".lock") if ranks.is_zero else contextlib.nullcontext()
+    if ranks.is_zero:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    with lock:  # rank 0 alone holds it; the other ranks of this run never wait on it
+        cached = ranks.share(lambda: _read(folder, net), "reading the dense cache")
+        if cached is not None:
+            state, meta = cached
             net.load_state_dict(state)
             log.info("dense baseline: cache hit %s", folder)
             return DenseBaseline(state, meta, folder, cache_hit=True)
         log.info("dense baseline: training %s", folder.name)
         result = _train(cfg, net, datamodule, logger)
-        folder.mkdir(parents=True, exist_ok=True)
+        meta = ranks.share(lambda: _write(cfg, folder, net, result), "writing the dense cache")
         state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        tmp = weights.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(weights)  # atomic: a reader never sees half a file
-        meta = {"identity": identity(cfg), **result, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        meta_file.write_text(json.dumps(meta, indent=2))
         return DenseBaseline(state, meta, folder, cache_hit=False)

@@ -37,7 +37,7 @@ class EpochLine(pl.Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.progress_bar_callback is not None:
+        if trainer.progress_bar_callback is not None or not trainer.is_global_zero:
             return
         metrics = trainer.callback_metrics
         parts = [f"{self.label}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]

@@ -69,7 +69,7 @@ class Classifier(pl.LightningModule):
         if self._check_every() == 1:
             self._check_finite()  # before the optimizer step sees the loss
         self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -110,7 +110,7 @@ class Classifier(pl.LightningModule):
         x, y = batch
         logits = self(x)
         self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
         self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:

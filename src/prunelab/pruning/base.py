@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any
 
 import pytorch_lightning as pl
@@ -372,6 +373,11 @@ class PruningCallback(pl.Callback):
     def achieved_sparsity(self) -> float:
         """Fraction of the prunable weights that are gone now (``train/sparsity``): by default the masked ones."""
         return self.masks.sparsity()
+
+    def stored_bytes(self, path: str | os.PathLike) -> int | None:
+        """Write the method's own stored form of the fitted network to ``path`` and return its size in bytes, or
+        ``None`` (default) when the generic sparse form applies (``bytes_stored``)."""
+        return None
 
     @property
     def phase(self) -> str:

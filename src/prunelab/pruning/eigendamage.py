@@ -9,9 +9,10 @@ scores left the LeNets' convolutions one direction), and every layer where it sa
 the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune phase, each round factoring
 the bottleneck cores again and folding the new rotations into the old ones, so depth does not grow.
 
-Layers are replaced inside the fit, so the optimizer Lightning made for the old parameters is re-created through
-Lightning (``strategy.setup_optimizers``) with the learning rate, scheduler position and the optimizer state of every
-surviving parameter carried over; then the core re-binds its (all-ones) masks to the new layers. The new architecture
+Layers are replaced inside the fit, so DDP's wrapper (under DDP) and the optimizer Lightning made for the old
+parameters are re-created through Lightning (:func:`~prunelab.pruning.training.renew_optimizers`) with the learning
+rate, scheduler position and the optimizer state of every surviving parameter carried over; then the core re-binds its
+(all-ones) masks to the new layers. The new architecture
 travels as data in every checkpoint (the classifier's ``on_save_checkpoint``/``on_load_checkpoint``).
 """
 
@@ -31,6 +32,7 @@ from prunelab.pruning import kfac, kfe, schedules
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 from prunelab.pruning.masks import prunable_layers
+from prunelab.pruning.training import recalibrate_batchnorm, renew_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -38,50 +40,6 @@ MODES = ("one_pass", "iterative")
 SCOPES = ("global", "lamp")
 OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
            "recalibrate_bn", "seed", "layers", "exclude")
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(net: nn.Module, batches, precision=None) -> bool:
-    """Recompute every BatchNorm's running statistics as the plain average over ``batches`` (the rest of the network
-    in eval mode); the global RNG is left as it was. Returns whether there was any BatchNorm."""
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return False
-    device, was_training, rng = next(net.parameters()).device, net.training, torch.get_rng_state()
-    momenta = [m.momentum for m in norms]
-    net.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-        m.train()
-    try:
-        for x, _ in batches:
-            x = x.to(device)
-            net(x if precision is None else precision.convert_input(x))
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        net.train(was_training)
-        torch.set_rng_state(rng)
-    return True
-
-
-def renew_optimizers(trainer: pl.Trainer) -> None:
-    """Re-create the fit's optimizers and schedulers through Lightning after parameters were replaced, carrying on the
-    learning rates, the schedulers' position and the state of every parameter that is still there."""
-    old = trainer.optimizers
-    lrs = [[group["lr"] for group in opt.param_groups] for opt in old]
-    states = [opt.state for opt in old]
-    scheduled = [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs]
-    trainer.strategy.setup_optimizers(trainer)
-    for opt, group_lrs, state in zip(trainer.optimizers, lrs, states):
-        for group, lr in zip(opt.param_groups, group_lrs):
-            group["lr"] = lr
-            for p in group["params"]:
-                if p in state:
-                    opt.state[p] = state[p]
-    for config, saved in zip(trainer.lr_scheduler_configs, scheduled):
-        config.scheduler.load_state_dict(saved)
 
 
 class EigenDamagePruning(PruningCallback):
@@ -208,7 +166,7 @@ class EigenDamagePruning(PruningCallback):
     def after_step(self, trainer: pl.Trainer) -> None:
         if self.done and self.recalibrate_bn and trainer.global_step == self._last_step:
             net = network_of(trainer.lightning_module)
-            recalibrate_batchnorm(net, kfac.training_batches(trainer, None), trainer.precision_plugin)
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, None), trainer.precision_plugin, trainer)
 
     # ----------------------------------------------------------------- one round
     def prune_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool) -> int:
@@ -219,12 +177,12 @@ class EigenDamagePruning(PruningCallback):
                                                                               self.compression)
         limit = self.fisher_batches
         if self.rounds_done > 0 and self.recalibrate_bn:
-            recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin)
+            recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin, trainer)
         current = dict(net.named_modules())
         layers = {n: current[n] for n in self.candidates}
         factored = {n: m.core if isinstance(m, BottleneckLayer) else m for n, m in layers.items()}
         factors = kfac.collect_factors(net, factored, kfac.training_batches(trainer, limit), patch=True,
-                                       fisher_type=self.fisher_type,
+                                       trainer=trainer, fisher_type=self.fisher_type,
                                        generator=self.generator, precision=trainer.precision_plugin)
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)

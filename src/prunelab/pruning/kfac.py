@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab import distributed
+
 FISHER_TYPES = ("true", "empirical")
 EIGEN_FLOOR = 1e-10  # eigenvalues below this are set to zero (the official code's threshold)
 
@@ -107,11 +109,16 @@ def square_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor, chunk: int 
 
 
 def training_batches(trainer: pl.Trainer, limit: int | None = None) -> Iterable:
-    """The fit's training batches (at most ``limit``), from its datamodule."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None:
-        raise RuntimeError("a Fisher pass reads the training data through the fit's LightningDataModule; none is set")
-    return islice(datamodule.train_dataloader(), limit)
+    """The fit's own training batches (at most ``limit``): its train dataloader, whether a datamodule or
+    ``train_dataloaders=`` gave it, with the fit's sampler (under DDP each rank reads its shard: sum the statistics
+    over ranks with :func:`prunelab.distributed.all_sum`)."""
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:  # before the fit set up its data
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            raise RuntimeError("a pass over the training data needs the fit's train dataloader; the trainer has none")
+        loader = datamodule.train_dataloader()
+    return islice(loader, limit)
 
 
 def backprop_pass(
@@ -161,31 +168,44 @@ def backprop_pass(
     return count
 
 
+def _total(count: int, sums: dict[str, list[torch.Tensor]], trainer: pl.Trainer | None) -> int:
+    """Sum ``sums`` (in place) and the example count over the ranks of ``trainer``'s fit; return the count."""
+    if trainer is None or trainer.world_size == 1:
+        return count
+    for name in sorted(sums):  # the same order on every rank
+        for tensor in sums[name]:
+            distributed.all_sum(trainer, tensor)
+    device = next(t for s in sums.values() for t in s).device if sums else None
+    return int(distributed.all_sum(trainer, torch.tensor(float(count), device=device)).item())
+
+
 def collect_factors(net: nn.Module, modules: dict[str, nn.Module], batches: Iterable, patch: bool = True,
-                    **pass_kwargs) -> dict[str, Factors]:
-    """K-FAC factors of every layer in ``modules`` over ``batches`` (see :func:`backprop_pass` for the options)."""
+                    trainer: pl.Trainer | None = None, **pass_kwargs) -> dict[str, Factors]:
+    """K-FAC factors of every layer in ``modules`` over ``batches`` (see :func:`backprop_pass` for the options),
+    summed over the ranks of ``trainer``'s fit."""
     sums: dict[str, list[torch.Tensor]] = {}
 
     def add(name, module, x, g):
         moments = (input_moment(module, x, patch), output_moment(module, g))
         sums[name] = list(moments) if name not in sums else [s + m for s, m in zip(sums[name], moments)]
 
-    n = backprop_pass(net, modules, batches, add, **pass_kwargs)
+    n = _total(backprop_pass(net, modules, batches, add, **pass_kwargs), sums, trainer)
     if n == 0:
         raise ValueError("K-FAC needs at least one batch of training data")
     return {name: Factors(a / n, g / n) for name, (a, g) in sums.items()}
 
 
 def collect_diagonal(net: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
-                     **pass_kwargs) -> dict[str, list[torch.Tensor]]:
-    """Diagonal Fisher E[(∂ℓ/∂θ)²] of each layer's weight (and bias), from exact per-example gradients."""
+                     trainer: pl.Trainer | None = None, **pass_kwargs) -> dict[str, list[torch.Tensor]]:
+    """Diagonal Fisher E[(∂ℓ/∂θ)²] of each layer's weight (and bias), from exact per-example gradients, summed over
+    the ranks of ``trainer``'s fit."""
     sums: dict[str, list[torch.Tensor]] = {}
 
     def add(name, module, x, g):
         squares = square_grad(module, x, g)
         sums[name] = squares if name not in sums else [s + q for s, q in zip(sums[name], squares)]
 
-    n = backprop_pass(net, modules, batches, add, **pass_kwargs)
+    n = _total(backprop_pass(net, modules, batches, add, **pass_kwargs), sums, trainer)
     if n == 0:
         raise ValueError("the diagonal Fisher needs at least one batch of training data")
     return {name: [s / n for s in squares] for name, squares in sums.items()}

@@ -94,7 +94,7 @@ class OBDPruning(PruningCallback):
         options = dict(fisher_type=self.fisher_type, generator=self.generator, precision=trainer.precision_plugin)
         batches = kfac.training_batches(trainer, self.fisher_batches)
         if self.criterion == "diagonal":
-            fisher = kfac.collect_diagonal(net, layers, batches, **options)
+            fisher = kfac.collect_diagonal(net, layers, batches, trainer=trainer, **options)
             scores = {}
             for n, m in layers.items():
                 terms = [(m.weight.double().square() * fisher[n][0]).flatten(1).sum(1)]
@@ -102,7 +102,7 @@ class OBDPruning(PruningCallback):
                     terms.append(m.bias.double().square() * fisher[n][1])
                 scores[n] = sum(terms)
             return scores
-        factors = kfac.collect_factors(net, layers, batches, patch=False, **options)
+        factors = kfac.collect_factors(net, layers, batches, patch=False, trainer=trainer, **options)
         scores = {}
         for n, m in layers.items():
             w = m.weight.double().flatten(1)  # im2col rows, in the order of the unfolded patch A is taken over

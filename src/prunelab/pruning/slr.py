@@ -33,6 +33,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from prunelab import distributed
 from prunelab.pruning.admm import AUTO_GROWTH, ADMMPruning
 from prunelab.pruning.base import BASE_OPTIONS
 from prunelab.pruning.checks import check_known, check_number
@@ -113,10 +114,10 @@ class SLRPruning(ADMMPruning):
         return alpha
 
     @torch.no_grad()
-    def admm_update(self) -> dict[str, float]:
+    def admm_update(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
         """One SLR update: the W-step half, Z ← Π(W + U), the Z-step half (replaces ADMM's Z/U iteration)."""
         w = self._constrained_weights()
-        loss = float(self.loss_sum) / self.loss_count if self.loss_count else None
+        loss = self.mean_loss(trainer, next(iter(w.values())).device)
         alpha = step_decay(self.k, self.M, self.r)
         first = self.k == 1
         known = loss is not None and self.loss_prev is not None
@@ -138,6 +139,13 @@ class SLRPruning(ADMMPruning):
         return {"slr/rho": self.rho, "slr/condition1": float(cond1), "slr/condition2": float(cond2), "slr/s": self.s,
                 "slr/alpha": alpha, "slr/k": float(self.k), "slr/primal_residual": self.distance(w, z),
                 "slr/z_change": z_change, **({"slr/train_loss": loss} if loss is not None else {})}
+
+    def mean_loss(self, trainer: pl.Trainer | None, device: torch.device) -> float | None:
+        """The training loss averaged over the steps since the last update and over the ranks (every rank decides
+        the surrogate condition on the same number)."""
+        totals = torch.tensor([float(self.loss_sum), float(self.loss_count)], dtype=torch.float64, device=device)
+        loss_sum, count = distributed.all_sum(trainer, totals).tolist()
+        return loss_sum / count if count else None
 
     def observe_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         if not self.done:

@@ -87,7 +87,9 @@ class RunIdentity(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is None:
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last)  # every rank: a collective (only rank 0 writes the file)
+        if not trainer.is_global_zero:  # rank 0 alone writes to the store
+            return
         client = mlflow.MlflowClient()
         client.set_tag(self.run_id, CHECKPOINT_TAG, str(self.last))
         if self._pending:
@@ -99,6 +101,10 @@ class RunIdentity(pl.Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics(missing, step=step)
             self._pending = None
+
+
+class FinishedRunError(ValueError):
+    """``ckpt_path`` names the checkpoint of a run that already FINISHED."""
 
 
 @dataclass(frozen=True)
@@ -175,12 +181,16 @@ def start_run(resume: Resume | None, **kwargs: Any) -> Iterator[mlflow.ActiveRun
     run_id = resume.run_id if resume else None
     if run_id is not None:
         try:
-            mlflow.MlflowClient().get_run(run_id)
+            status = mlflow.MlflowClient().get_run(run_id).info.status
         except MlflowException:
+            status = None
             log.warning("ckpt_path=%s: its MLflow run %s is not in this store; recording a new run",
                         resume.ckpt_path, run_id)
             kwargs["tags"] = {**kwargs.get("tags", {}), "prunelab.resumed_from_run": run_id}
             run_id = None
+        if status == "FINISHED":  # reopening it would log its final metrics a second time
+            raise FinishedRunError(f"ckpt_path={resume.ckpt_path!r} belongs to MLflow run {run_id}, which FINISHED: "
+                                   "there is nothing to resume. Leave ckpt_path out to record a new run")
     if run_id is None:
         kwargs["tags"] = {**kwargs.get("tags", {}), **process_tags()}
         with mlflow.start_run(**kwargs) as run:

@@ -37,6 +37,24 @@ class StoreBrokenError(RuntimeError):
     """The tracking database was left half-migrated (e.g. by processes that raced on its first use)."""
 
 
+# where prunelab records runs: a tracking server or a database (SQLAlchemy dialect[+driver]); never a file store
+_URI_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(configured: str | None) -> None:
+    """Raise a ValueError naming ``MLFLOW_TRACKING_URI`` or ``logger.tracking_uri`` when its scheme is none that
+    MLflow records runs in (before MLflow's own, less telling, errors)."""
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "logger.tracking_uri"
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if not uri:
+        return
+    scheme = str(uri).split("://", 1)[0].split("+", 1)[0].lower() if "://" in str(uri) else ""
+    if scheme not in _URI_SCHEMES:
+        raise ValueError(f"{source}={uri!r} is not a tracking store MLflow can record runs in: use http(s)://host:port "
+                         f"(a tracking server), sqlite:///path/mlflow.db, postgresql://… or mysql://…, or unset it "
+                         f"for the local SQLite store")
+
+
 def tracking_uri(configured: str | None, output_dir: str | os.PathLike) -> str:
     """``MLFLOW_TRACKING_URI`` when set, else ``configured``, else a SQLite file under ``output_dir``.
 
