@@ -148,7 +148,7 @@ class ADMMPruning(PruningCallback):
         self.U = {n: torch.zeros_like(x) for n, x in w.items()}
 
     @torch.no_grad()
-    def admm_update(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
+    def admm_update(self) -> dict[str, float]:
         """One ADMM iteration (paper eqs. 8–9): Z ← Π(W + U), then U ← U + W − Z with the new Z; then ρ grows
         (optional), with the scaled dual rescaled by ρ_old/ρ_new (Boyd et al. 2011 §3.4.1)."""
         w = self._constrained_weights()
@@ -203,7 +203,7 @@ class ADMMPruning(PruningCallback):
                     pl_module.log(f"{self.method}/acc_after_hard_prune", self.acc_after_hard_prune,
                                   on_step=False, on_epoch=True)
         elif step % self.period == 0 and step != self.last_update:
-            signals = self.admm_update(trainer)
+            signals = self.admm_update()
             self.last_update = step
             for key, value in signals.items():
                 pl_module.log(key, value, on_step=False, on_epoch=True)

@@ -114,10 +114,10 @@ class SLRPruning(ADMMPruning):
         return alpha
 
     @torch.no_grad()
-    def admm_update(self, trainer: pl.Trainer | None = None) -> dict[str, float]:
+    def admm_update(self) -> dict[str, float]:
         """One SLR update: the W-step half, Z ← Π(W + U), the Z-step half (replaces ADMM's Z/U iteration)."""
         w = self._constrained_weights()
-        loss = self.mean_loss(trainer, next(iter(w.values())).device)
+        loss = float(self.loss_sum) / self.loss_count if self.loss_count else None
         alpha = step_decay(self.k, self.M, self.r)
         first = self.k == 1
         known = loss is not None and self.loss_prev is not None
@@ -140,16 +140,9 @@ class SLRPruning(ADMMPruning):
                 "slr/alpha": alpha, "slr/k": float(self.k), "slr/primal_residual": self.distance(w, z),
                 "slr/z_change": z_change, **({"slr/train_loss": loss} if loss is not None else {})}
 
-    def mean_loss(self, trainer: pl.Trainer | None, device: torch.device) -> float | None:
-        """The training loss averaged over the steps since the last update and over the ranks (every rank decides
-        the surrogate condition on the same number)."""
-        totals = torch.tensor([float(self.loss_sum), float(self.loss_count)], dtype=torch.float64, device=device)
-        loss_sum, count = distributed.all_sum(trainer, totals).tolist()
-        return loss_sum / count if count else None
-
     def observe_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
-        if not self.done:
-            self.loss_sum = self.loss_sum + loss
+        if not self.done:  # the global batch's loss: every rank decides the surrogate condition on the same number
+            self.loss_sum = self.loss_sum + distributed.all_mean(trainer, loss.clone())
             self.loss_count += 1
 
     @torch.no_grad()
