@@ -4,6 +4,7 @@ datasets, and (optionally) MLflow's system metrics."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -39,33 +40,98 @@ MODEL_NAME = "model"  # runs:/<run id>/model
 _DATA_KEYS_IGNORED = ("data_dir", "num_workers", "download", "batch_size")
 
 
+class _NoPt2Advice(logging.Filter):
+    """Drops MLflow's advice to log with ``serialization_format='pt2'`` (see :func:`log_model` for why not)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to 'pt2'" not in record.getMessage()
+
+
+def _reloaded(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` saved and loaded again as MLflow's pickle format does it (cloudpickle out, pickle in)."""
+    import mlflow.pytorch.pickle_module as pickle_module
+
+    buffer = io.BytesIO()
+    torch.save(module, buffer, pickle_module=pickle_module)
+    buffer.seek(0)
+    return torch.load(buffer, pickle_module=pickle_module, weights_only=False)
+
+
+def _exported_graph(net: torch.nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """``net``'s inference graph captured by ``torch.export`` (batch dimension dynamic), as a plain GraphModule.
+
+    ``ExportedProgram.module()`` refuses ``.train()``/``.eval()`` and carries export's input hooks; a new
+    GraphModule over its graph keeps only the parameters, buffers and code. Its tracer class is dropped because
+    unpickling a GraphModule re-traces its code with that class, and export's tracer cannot be built without
+    arguments.
+    """
+    program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    unlifted = program.module(check_guards=False)
+    graph = unlifted.graph
+    graph._tracer_cls, graph._tracer_extras = None, None
+    return torch.fx.GraphModule(unlifted, graph)
+
+
+def portable_module(net: torch.nn.Module, example: torch.Tensor, rtol: float = 1e-4) -> torch.nn.Module | None:
+    """A copy of ``net`` (on the CPU) at inference as a ``torch.fx`` graph of torch modules and ops, which loads
+    without the classes that built ``net``; ``None`` when no graph reproduces ``net``.
+
+    ``torch.fx.symbolic_trace`` keeps torch's own layers as modules, so BatchNorm and dropout follow ``.train()`` and
+    ``.eval()``, and inlines the rest (prunelab's containers, the layers a method put in). A forward that it cannot
+    trace (Python control flow on shapes) is captured with ``torch.export``, whose graph is that of inference
+    (``.train()`` does not change it); neither takes control flow on tensor values. A graph is kept only when, saved
+    and loaded again, it gives ``net``'s logits (within ``rtol``·max(1, max|logit|)) at batch sizes 1 and 3.
+    """
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn((n, *example.shape[1:]), generator=gen) for n in (1, 3)]
+    mode = net.training
+    net.eval()
+    try:
+        for capture in (lambda: torch.fx.symbolic_trace(net), lambda: _exported_graph(net, example)):
+            try:
+                module = _reloaded(capture())
+                with torch.no_grad():
+                    for x in batches:
+                        expected = net(x)
+                        if not (module(x) - expected).abs().max() <= rtol * max(1.0, float(expected.abs().max())):
+                            raise ValueError("the graph's logits differ from the network's")
+                return module
+            except Exception as exc:  # noqa: BLE001 - whatever a capture rejects or gets wrong
+                log.info("graph capture of %s failed (%s: %s)", type(net).__name__, type(exc).__name__, exc)
+        return None
+    finally:
+        net.train(mode)
+
+
 def log_model(net: torch.nn.Module, example_input: torch.Tensor, step: int = 0) -> str:
-    """Log ``net`` (its weights as they are: pruned weights are zeros) as the run's MLflow model; return its URI.
+    """Log ``net`` (on the CPU; its weights as they are: pruned weights are zeros) as the run's MLflow model; return
+    its URI.
 
     Metrics the run logs at ``step`` are the model's in MLflow (its Models view shows them).
 
-    The model is saved with ``torch.export`` (MLflow's ``pt2`` format): the graph travels with the weights, so it
-    loads in a fresh process with torch alone, also after a method changed the architecture. A forward that
-    ``torch.export`` cannot trace falls back to the pickled module, whose classes must then import from prunelab.
+    What is logged is :func:`portable_module` of ``net``: a graph of torch modules and ops, so that
+    ``mlflow.pytorch.load_model`` gives back an ``nn.Module`` (``.eval()``, ``.to(device)``, ``.state_dict()`` with
+    ``net``'s keys) in a fresh process with torch alone, also after a method changed the architecture. MLflow's
+    ``pt2`` format is not used: it loads as ``ExportedProgram.module()``, which raises on ``.eval()``. Where no graph
+    reproduces ``net``, the module itself is pickled, and its classes must then import from prunelab.
     The input example has a batch of two: ``torch.export`` fixes a dimension of size 1 to a constant.
     """
     example = example_input.detach().cpu().float().expand(2, *example_input.shape[1:]).contiguous()
-    mode = net.training
-    net.eval()  # BatchNorm and dropout as at inference, in the exported graph too
-    kwargs: dict[str, Any] = {
-        "name": MODEL_NAME,
-        "step": step,
-        "input_example": example.numpy(),
-        # given, not inferred: MLflow infers requirements by importing the model in a subprocess (~20 s per run)
-        "pip_requirements": mlflow.pytorch.get_default_pip_requirements(),
-    }
+    portable = portable_module(net, example)
+    if portable is None:
+        log.warning("no torch graph reproduces %s; logging the pickled module (loading needs prunelab)",
+                    type(net).__name__)
+    mode, advice = net.training, _NoPt2Advice()
+    net.eval()
+    logging.getLogger("mlflow.pytorch").addFilter(advice)
     try:
-        try:
-            info = mlflow.pytorch.log_model(net, serialization_format="pt2", **kwargs)
-        except Exception as exc:  # noqa: BLE001 - torch.export rejects some forwards (data-dependent control flow)
-            log.warning("torch.export failed (%s: %s); logging the pickled module instead", type(exc).__name__, exc)
-            info = mlflow.pytorch.log_model(net, serialization_format="pickle", **kwargs)
+        info = mlflow.pytorch.log_model(
+            portable if portable is not None else net, name=MODEL_NAME, step=step, input_example=example.numpy(),
+            serialization_format="pickle",
+            # given, not inferred: MLflow infers requirements by importing the model in a subprocess (~20 s per run)
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements())
     finally:
+        logging.getLogger("mlflow.pytorch").removeFilter(advice)
         net.train(mode)
     return info.model_uri
 
