@@ -24,11 +24,11 @@ from pathlib import Path
 
 import mlflow
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from prunelab.measure.export import export_onnx, export_pt2
+from prunelab.models import instantiate_model
 from prunelab.models.architecture import rebuild
 from prunelab.tracking.model_log import MODEL_NAME
 from prunelab.tracking.store import tracking_uri
@@ -64,7 +64,8 @@ def rebuild_from_weights(run_id: str, shape: tuple[int, ...], num_classes: int) 
             return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp))
 
         cfg = OmegaConf.load(fetch("config.yaml"))
-        net = instantiate(cfg.model, in_channels=shape[0], image_size=shape[1], num_classes=num_classes)
+        data = {"in_channels": shape[0], "image_size": shape[1], "num_classes": num_classes}
+        net = instantiate_model(cfg.model, data)  # as the run built it: shape arguments its constructor takes
         if "weights/architecture.json" in files:
             rebuild(net, json.loads(fetch("weights/architecture.json").read_text()))
         net.load_state_dict(torch.load(fetch("weights/model_state.pt"), map_location="cpu", weights_only=True))
