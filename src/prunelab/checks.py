@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -39,14 +40,33 @@ def check_config(cfg: DictConfig) -> None:
     _check_writable(cfg)
 
 
+def unwritable(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot be created or written, or ``None`` when it can: a folder is made and removed again in
+    its nearest existing parent (``os.access`` says yes to root for /proc, where nothing can be made)."""
+    path = Path(folder).expanduser().absolute()
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".prunelab-", dir=parent))
+    except OSError as exc:
+        return f"nothing can be created in {parent} ({exc.strerror})"
+    return None
+
+
+def check_root_env() -> None:
+    """``PRUNELAB_ROOT``, when set, is a folder prunelab can write to (checked before Hydra creates its run folder
+    under it)."""
+    root = os.environ.get("PRUNELAB_ROOT")
+    problem = unwritable(root) if root else None
+    if problem:
+        raise ValueError(f"PRUNELAB_ROOT={root!r} cannot hold prunelab's data and outputs: {problem}. Point it at a "
+                         "folder you can write to, or unset it to use the current folder")
+
+
 def _check_writable(cfg: DictConfig) -> None:
-    """The output folder can be created (its nearest existing parent is a writable folder)."""
-    folder = Path(cfg.paths.output_dir).expanduser().absolute()
-    parent = next((p for p in (folder, *folder.parents) if p.exists()), None)
-    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        source = "PRUNELAB_ROOT" if os.environ.get("PRUNELAB_ROOT") else "paths.root_dir"
-        raise ValueError(f"paths.output_dir={str(folder)!r} cannot be created: {parent} is not a writable folder. "
-                         f"Set {source} (PRUNELAB_ROOT or paths.root_dir) to a folder you can write to")
+    problem = unwritable(cfg.paths.output_dir)
+    if problem:
+        raise ValueError(f"paths.output_dir={str(cfg.paths.output_dir)!r} cannot be created: {problem}. Set "
+                         "PRUNELAB_ROOT or paths.root_dir to a folder you can write to")
 
 
 def check_optimizers(cfg: DictConfig) -> None:

@@ -84,11 +84,10 @@ class Ranks:
         return value
 
 
-def _refuse(strategy: object) -> None:
+def _refuse(strategy: object, configured: object) -> None:
     if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) or (
             isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") != "popen"):
-        name = getattr(strategy, "strategy_name", type(strategy).__name__)
-        raise ValueError(f"trainer.strategy={name!r} is not supported: a prunelab run of more than one process uses "
+        raise ValueError(f"trainer.strategy={configured!r} is not supported: a prunelab run of more than one process uses "
                          "Lightning's DDP started as a script (trainer=ddp: strategy ddp), by Lightning's launcher, "
                          "torchrun or SLURM; spawned processes (ddp_spawn, ddp_notebook) cannot share rank 0's "
                          "MLflow run, and sharded strategies do not keep whole masks on every rank")
@@ -99,7 +98,7 @@ def plan(trainer_cfg: DictConfig) -> Ranks:
     trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[], max_epochs=1,
                           enable_progress_bar=False)
     strategy = trainer.strategy
-    _refuse(strategy)
+    _refuse(strategy, trainer_cfg.get("strategy"))
     if isinstance(strategy, DDPStrategy) and strategy.num_nodes * strategy.num_processes > 1:
         return Ranks(strategy)
     return Ranks()

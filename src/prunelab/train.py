@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
 from prunelab import budget, distributed
-from prunelab.checks import check_config, check_optimizers
+from prunelab.checks import check_config, check_optimizers, check_root_env
 from prunelab.dense import dense_baseline
 from prunelab.distributed import test_accuracy
 from prunelab.measure import check_options, format_table, measure
@@ -191,7 +192,7 @@ def _quiet_libraries() -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def _main(cfg: DictConfig) -> float:
     """Hydra entry point; returns test accuracy so sweepers can optimise it."""
     _quiet_libraries()
     with stop_on_signals():  # SIGTERM / Ctrl-C: run KILLED, exit status 128 + signal
@@ -203,6 +204,16 @@ def main(cfg: DictConfig) -> float:
             # the run is FAILED in MLflow with its reason; the other jobs of the sweep go on
             log.error("sweep job failed: %s: %s", type(exc).__name__, exc)
             return float("nan")
+
+
+def main() -> float | None:
+    """``prunelab-train`` / ``python -m prunelab.train``: what must hold before Hydra creates its run folder, then
+    the Hydra entry point."""
+    try:
+        check_root_env()
+    except ValueError as exc:
+        sys.exit(f"{type(exc).__name__}: {exc}")
+    return _main()
 
 
 if __name__ == "__main__":
