@@ -15,7 +15,8 @@ from omegaconf import open_dict
 from prunelab.train import CONF_DIR
 
 # small, fast defaults for integration tests: 8×8 digits, LeNet-300-100, short schedules
-FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false"]
+FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false",
+        "measure.onnx=false"]
 
 
 @pytest.fixture(scope="session")

@@ -111,10 +111,24 @@ def _write(cfg: DictConfig, folder: Path, net: torch.nn.Module, result: dict[str
     return meta
 
 
+def _pretrained(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule) -> DenseBaseline:
+    """The user's trained weights (loaded into ``net`` when the run was built) as the dense baseline: their test
+    accuracy is measured (every rank of the run takes part), nothing is trained or cached."""
+    log.info("dense baseline: the trained weights of dense.checkpoint=%s", cfg.dense.checkpoint)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[], max_epochs=1)
+    accuracy = test_accuracy(trainer, Classifier(net, datamodule.num_classes), datamodule)
+    state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    return DenseBaseline(state, {"test_acc": accuracy, "checkpoint": str(cfg.dense.checkpoint)},
+                         Path(str(cfg.dense.checkpoint)), cache_hit=False)
+
+
 def dense_baseline(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger=None,
                    ranks: Ranks | None = None) -> DenseBaseline:
-    """Load the cached dense weights into ``net``, or train ``net`` and cache it (with every rank of ``ranks``)."""
+    """Load the cached dense weights into ``net``, or train ``net`` and cache it (with every rank of ``ranks``); with
+    ``dense.checkpoint``, ``net`` already holds the user's trained weights: measure their test accuracy."""
     ranks = ranks or Ranks()
+    if cfg.dense.get("checkpoint"):
+        return _pretrained(cfg, net, datamodule)
     folder = cache_dir(cfg)
     lock = FileLock(str(folder) + ".lock") if ranks.is_zero else contextlib.nullcontext()
     if ranks.is_zero:

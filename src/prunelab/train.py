@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -26,8 +26,11 @@ from prunelab import budget, distributed
 from prunelab.checks import check_config, check_optimizers, check_root_env
 from prunelab.dense import dense_baseline
 from prunelab.distributed import test_accuracy
-from prunelab.measure import check_options, format_table, measure
+from prunelab.data.shape import adopt_shape
+from prunelab.measure import ONNX_FILE, check_options, format_table, measure
 from prunelab.models.classifier import Classifier
+from prunelab.models.factory import input_shape, instantiate_model
+from prunelab.pretrained import load_dense_checkpoint
 from prunelab.progress import EpochLine
 from prunelab.pruning import PruningCallback
 from prunelab.tracking import collapse, resume, sweep, ui
@@ -45,15 +48,12 @@ class Parts:
     net: torch.nn.Module
     dense_net: torch.nn.Module
     pruning: PruningCallback | None
+    example: torch.Tensor  # one input (batch of 1) of the data's shape
     resume: resume.Resume | None = None
     ranks: distributed.Ranks = field(default_factory=distributed.Ranks)
 
     def describe(self) -> dict:
         return self.pruning.describe() if self.pruning else {"method": "none", "granularity": "none"}
-
-    def example(self) -> torch.Tensor:
-        dm = self.datamodule
-        return torch.zeros(1, dm.num_channels, dm.image_size, dm.image_size)
 
 
 def _instantiate(node: DictConfig, **kwargs):
@@ -78,20 +78,33 @@ def build(cfg: DictConfig) -> Parts:
     pl.seed_everything(cfg.seed, workers=True)  # the seed decides the dense model's initial weights too
     datamodule = _instantiate(cfg.data)
     datamodule.prepare_data()  # a missing downloadable dataset fails here, naming its folder and the flag
+    shape = adopt_shape(datamodule)
     budget.resolve(cfg, math.ceil(len(datamodule.train_dataloader()) / ranks.world_size))
     check_optimizers(cfg)
-    shape = {"in_channels": datamodule.num_channels, "image_size": datamodule.image_size,
-             "num_classes": datamodule.num_classes}
-    net, dense_net = _instantiate(cfg.model, **shape), _instantiate(cfg.model, **shape)
+    _name_model(cfg)
+    net, dense_net = instantiate_model(cfg.model, shape), instantiate_model(cfg.model, shape)
+    if cfg.dense.get("checkpoint"):  # the user's trained weights: checked against the network now
+        load_dense_checkpoint(str(cfg.dense.checkpoint), dense_net)
+    example = torch.zeros(1, *input_shape(shape))
     pruning = None
     if cfg.pruning.get("_target_") is not None:
         pruning = _instantiate(cfg.pruning)
         if not isinstance(pruning, PruningCallback):
             raise TypeError(f"pruning._target_={cfg.pruning._target_} is not a PruningCallback")
-        pruning.validate(net, torch.zeros(1, shape["in_channels"], shape["image_size"], shape["image_size"]))
+        pruning.validate(net, example)
     elif float(cfg.pruning.compression) != 1.0:
         raise ValueError(f"pruning=none runs the dense model; pruning.compression={cfg.pruning.compression} must be 1")
-    return Parts(datamodule, net, dense_net, pruning, resume.check_checkpoint(cfg, pruning, net), ranks)
+    return Parts(datamodule, net, dense_net, pruning, example, resume.check_checkpoint(cfg, pruning, net), ranks)
+
+
+def _name_model(cfg: DictConfig) -> None:
+    """``names.model`` (the MLflow param ``model``, run and cache names) says which network a library config
+    builds: ``torchvision-resnet18``, ``timm-vit_tiny_patch16_224``, ``custom-MyNet``."""
+    name = cfg.model.get("name") or (str(cfg.model._target_).rsplit(".", 1)[-1] if cfg.names.model == "custom"
+                                     else None)
+    if name:
+        with open_dict(cfg):
+            cfg.names.model = f"{cfg.names.model}-{name}"
 
 
 def extra_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -126,7 +139,7 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
     log.info("measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
              ", latency" if cfg.measure.latency else "")
     parts.net.cpu(), parts.dense_net.cpu()
-    example = parts.example()
+    example = parts.example
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         compacted = parts.pruning is not None and parts.pruning.counts_compacted
@@ -134,7 +147,7 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
                                                 **OmegaConf.to_container(cfg.measure, resolve=True))
         metrics.update(accuracy)
         stored = parts.pruning.stored_bytes(folder / "model_quantized.npz") if parts.pruning else None
-        weights = ["model_state.pt", "model_sparse.npz"]
+        weights = ["model_state.pt", "model_sparse.npz"] + ([ONNX_FILE] if cfg.measure.onnx else [])
         if stored is not None:  # the method's stored form (e.g. ADMM-NN: indices + codes + one step per layer)
             metrics["bytes_stored"] = float(stored)
             metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
@@ -161,7 +174,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ranks.start()
     with RunSession(cfg, parts.describe(), ranks, job_sweep, parts.resume) as run:
         dense = dense_baseline(cfg, parts.dense_net, parts.datamodule, logger=run.logger("dense"), ranks=ranks)
-        run.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)})
+        run.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)}
+                     if not cfg.dense.checkpoint else {"dense_checkpoint": str(cfg.dense.checkpoint)})
         parts.net.load_state_dict(dense.state_dict)
         dense_acc = 100.0 * dense.meta["test_acc"]
         step = 0
@@ -183,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def _quiet_libraries() -> None:
     """Keep the console to our summary: Lightning's banners and tips, and known third-party deprecations."""
-    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch"):
+    for name in ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "torch.onnx", "onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")

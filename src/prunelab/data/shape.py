@@ -108,3 +108,13 @@ def splits(datamodule: pl.LightningDataModule) -> dict[str, Any]:
             dataset = getattr(loader, "dataset", None)
         result[split] = dataset
     return result
+
+
+def adopt_shape(datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """:func:`describe` ``datamodule`` and set what it did not say (``num_channels``, ``image_size``,
+    ``num_classes``) as its attributes, where the rest of prunelab reads them; returns the description."""
+    shape = describe(datamodule)
+    for key, value in shape.items():
+        if not _positive(getattr(datamodule, key, None)):
+            setattr(datamodule, key, value)
+    return shape

@@ -14,11 +14,13 @@ import torch_pruning as tp
 from torch import nn
 
 from prunelab.measure.compact import CompactionError, CompactResult, compact
+from prunelab.measure.export import export_onnx, onnx_latency
 from prunelab.measure.latency import check_latency_options, measure_latency
 from prunelab.measure.sparsity import format_table, layer_table, sparsity_metrics
 from prunelab.measure.storage import save_dense, save_sparse
 
 LATENCY_FILE = "latency.json"
+ONNX_FILE = "model.onnx"
 
 
 def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
@@ -51,6 +53,7 @@ def measure(
     gpu_dtype: str = "float32",
     channels_last: bool = False,
     atol: float = 1e-4,
+    onnx: bool = True,
 ) -> tuple[dict[str, float], list[dict], dict[str, str]]:
     """Final metrics (docs/mlflow.md names), the per-layer sparsity table and the latency params (device, mode, dtype).
 
@@ -60,13 +63,15 @@ def measure(
     ``params_nonzero``, ``macs`` and ``compression_compacted`` (``compression`` once the weights that only fed or read
     removed channels are gone) on its compacted copy (:func:`compact`, which raises :class:`CompactionError` when that
     copy's logits differ by more than ``atol``). The stored form is written to ``out_dir`` (a temporary folder when
-    ``None``) and its size on disk is ``bytes_stored``; with ``latency`` the raw latency samples go to
-    ``out_dir/latency.json``. The keyword arguments are the ``measure:`` block of ``conf/train.yaml`` (see
+    ``None``) and its size on disk is ``bytes_stored``; with ``onnx`` the compacted model is exported to
+    ``out_dir/model.onnx`` and checked in ONNX Runtime (``onnx_max_abs_diff``, within ``atol`` like compaction) and,
+    with ``latency``, timed there against the dense model too (``latency_onnx_*``); with ``latency`` the raw latency
+    samples go to ``out_dir/latency.json``. The keyword arguments are the ``measure:`` block of ``conf/train.yaml`` (see
     :func:`prunelab.measure.latency.measure_latency`).
     """
     check_options({"batch_sizes": batch_sizes, "blocks": blocks, "threads": threads, "min_run_time": min_run_time,
                    "gpu": gpu, "gpu_batch_sizes": gpu_batch_sizes, "gpu_mode": gpu_mode, "gpu_dtype": gpu_dtype,
-                   "channels_last": channels_last, "latency": latency, "atol": atol})
+                   "channels_last": channels_last, "latency": latency, "atol": atol, "onnx": onnx})
     params: dict[str, str] = {}
     metrics = sparsity_metrics(pruned, prunable, dense)
     rows = layer_table(pruned, prunable, dense)
@@ -94,11 +99,17 @@ def measure(
             folder.mkdir(parents=True, exist_ok=True)
             metrics["bytes_dense"] = float(save_dense(dense, Path(tmp) / "dense.npz"))
             metrics["bytes_stored"] = float(save_sparse(pruned, folder / "model_sparse.npz", prunable))
+            if onnx:
+                metrics["onnx_max_abs_diff"] = export_onnx(compacted, example_input, folder / ONNX_FILE, atol=atol)
             if latency:
                 timed = measure_latency(dense, compacted, example_input, list(batch_sizes), int(blocks), threads,
                                         float(min_run_time), bool(gpu), gpu_batch_sizes=list(gpu_batch_sizes),
                                         gpu_mode=gpu_mode, gpu_dtype=gpu_dtype, channels_last=channels_last,
                                         masked=pruned)
+                if onnx:  # ONNX Runtime on the CPU, dense vs pruned, interleaved as the PyTorch timing
+                    export_onnx(dense, example_input, Path(tmp) / "dense.onnx", atol=atol)
+                    timed.update(onnx_latency(Path(tmp) / "dense.onnx", folder / ONNX_FILE, example_input,
+                                              list(batch_sizes), int(blocks), threads, float(min_run_time)))
                 metrics.update(timed.metrics)
                 params.update(timed.params)
                 (folder / LATENCY_FILE).write_text(json.dumps(timed.samples))
@@ -119,12 +130,13 @@ def check_options(options: Mapping) -> None:
     atol = options.get("atol", 1e-4)
     if isinstance(atol, bool) or not isinstance(atol, numbers.Real) or not atol >= 0:
         raise ValueError(f"measure.atol={atol!r} must be a number ≥ 0")
-    if not isinstance(options.get("latency", False), bool):
-        raise ValueError(f"measure.latency={options['latency']!r} must be true or false")
-    check_latency_options(**{k: v for k, v in options.items() if k not in ("atol", "latency")})
+    for key in ("latency", "onnx"):
+        if not isinstance(options.get(key, False), bool):
+            raise ValueError(f"measure.{key}={options[key]!r} must be true or false")
+    check_latency_options(**{k: v for k, v in options.items() if k not in ("atol", "latency", "onnx")})
 
 
 __all__ = [
-    "CompactResult", "CompactionError", "check_options", "compact", "count_macs", "format_table", "layer_table",
+    "LATENCY_FILE", "ONNX_FILE", "CompactResult", "CompactionError", "check_options", "compact", "count_macs", "format_table", "layer_table",
     "measure", "measure_latency", "sparsity_metrics",
 ]

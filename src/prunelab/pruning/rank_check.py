@@ -38,17 +38,20 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(pickle.dumps(value))
 
 
+def _hash(value: Any) -> str:
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
 def state_hashes(trainer: pl.Trainer) -> dict[str, str]:
-    """SHA-256 of every pruning callback's ``state_dict()`` and of the network's weights."""
-    hashes = {}
+    """SHA-256 of the network's weights, of every pruning callback's ``state_dict()`` (under its state key) and of
+    its masks alone (``masks``; of the first pruning callback)."""
+    hashes = {"weights": _hash(trainer.lightning_module.state_dict())}
     for callback in trainer.callbacks:
         if isinstance(callback, PruningCallback):
-            digest = hashlib.sha256()
-            _feed(digest, callback.state_dict())
-            hashes[callback.state_key] = digest.hexdigest()
-    digest = hashlib.sha256()
-    _feed(digest, trainer.lightning_module.state_dict())
-    hashes["weights"] = digest.hexdigest()
+            hashes[callback.state_key] = _hash(callback.state_dict())
+            hashes.setdefault("masks", _hash(callback.masks.state_dict()))
     return hashes
 
 

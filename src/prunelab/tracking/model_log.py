@@ -18,6 +18,9 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.types import Schema, TensorSpec
 
+from prunelab.data.shape import describe, splits
+from prunelab.models.factory import input_shape
+
 log = logging.getLogger(__name__)
 
 
@@ -146,13 +149,14 @@ def log_datasets(name: str, datamodule: Any, data_cfg: dict[str, Any]) -> None:
     Only metadata is logged: the dataset's name, the datamodule that builds it, the shape of its tensors and a digest
     of what decides its samples (data options and split sizes), so runs on the same split share one dataset entry.
     """
-    datamodule.setup()
+    datamodule.setup("fit")
     identity = {k: v for k, v in data_cfg.items() if k not in _DATA_KEYS_IGNORED}
     source = CodeDatasetSource({"datamodule": str(data_cfg.get("_target_", type(datamodule).__name__))})
-    image = (-1, datamodule.num_channels, datamodule.image_size, datamodule.image_size)
+    image = (-1, *input_shape(describe(datamodule)))
     schema = Schema([TensorSpec(np.dtype(np.float32), image, "image"), TensorSpec(np.dtype(np.int64), (-1,), "label")])
-    for context, split in (("train", datamodule.train_set), ("validation", datamodule.val_set),
-                           ("test", datamodule.test_set)):
+    for context, split in splits(datamodule).items():
+        if split is None:
+            continue
         digest = _digest({**identity, "split": context, "size": len(split)})
         _log_input(MetaDataset(source, name=name, digest=digest, schema=schema), context)
 

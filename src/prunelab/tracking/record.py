@@ -97,10 +97,12 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
         f" bytes         stored {_fmt_int(m['bytes_stored'])} vs dense {_fmt_int(m['bytes_dense'])}"
         f"  ({m['storage_compression']:.2f}× smaller)",
     ]
-    for device in ("cpu", "gpu"):
+    for device, label in (("cpu", "CPU "), ("gpu", "GPU "), ("onnx", "ONNX")):
         parts = [f"b{b} {m[f'latency_{device}_b{b}_ms']:.3f} ms ({m[f'speedup_{device}_b{b}']:.2f}× vs dense)"
                  for b in (1, 64) if f"latency_{device}_b{b}_ms" in m and f"speedup_{device}_b{b}" in m]
         if parts:
-            lines.append(f" latency {device.upper()}   " + "   ".join(parts))
+            lines.append(f" latency {label}  " + "   ".join(parts))
+    if "onnx_max_abs_diff" in m:
+        lines.append(f" ONNX          weights/model.onnx, logits within {m['onnx_max_abs_diff']:.1e} of PyTorch")
     lines += ["-" * 72, f" MLflow run {run_id}", f"   store {uri}", f"   browse: {link or 'make ui'}", "=" * 72]
     return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""Parity of one process and two DDP processes: the same global batch, the same budget, every method.
+
+    python bench/ddp.py                                   # every method, seeds 0-2, digits/lenet300 at 8x (CPU, gloo)
+    python bench/ddp.py --methods admm obd --seeds 0 1 --data mnist5k --model lenet5 --ratio 16
+    python bench/ddp.py --accelerator gpu                 # on a host with 2 GPUs (NCCL)
+
+World size 1 runs ``data.batch_size=B``; world size 2 runs ``trainer=ddp`` with ``data.batch_size=B/2`` on each rank,
+so both take the same optimizer steps over the same global batches (the DDP sampler deals the data differently, so
+the runs are not bit-identical). Each run is the real CLI with the default budget, its dense baseline trained with
+the same world size, recorded in a private PRUNELAB_ROOT (default ``outputs/bench_ddp``). Prints test accuracy mean ±
+std, compression and wall time per method and world size, and whether the two-process mean is within 2 × the seed
+std of the one-process mean (``ok``), the bar the DDP issue set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+
+from prunelab.pruning import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(method: str, seed: int, world: int, args, root: Path) -> float:
+    """One CLI run; returns its wall time (s)."""
+    batch = args.batch_size // world
+    cmd = [sys.executable, "-m", "prunelab.train", f"data={args.data}", f"model={args.model}", f"pruning={method}",
+           f"pruning.compression={args.ratio}", f"seed={seed}", f"data.batch_size={batch}", "measure.latency=false",
+           "measure.onnx=false", "logger.log_model=false", f"logger.run_name={method}-w{world}-s{seed}",
+           f"trainer.accelerator={args.accelerator}"]
+    if world > 1:
+        cmd += ["trainer=ddp", f"trainer.devices={world}"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(root)}, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        print(f"  {method} world {world} seed {seed} FAILED:\n{proc.stderr[-2000:]}", file=sys.stderr)
+    return time.perf_counter() - start
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def report(root: Path, methods: list[str], seeds: list[int], walls: dict) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{root}/outputs/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
+                              filter_string="attributes.status = 'FINISHED'")
+    by_name = {r.info.run_name: r for r in sorted(runs, key=lambda r: r.info.start_time)}  # the latest wins
+    print("| method | 1 process: test acc (%) | 2 processes: test acc (%) | within 2σ | compression 1 / 2 "
+          "| wall s 1 / 2 |")
+    print("| --- | ---: | ---: | :---: | ---: | ---: |")
+    for method in methods:
+        accs, comps, wall = {}, {}, {}
+        for world in (1, 2):
+            found = [by_name.get(f"{method}-w{world}-s{s}") for s in seeds]
+            found = [r for r in found if r is not None]
+            accs[world] = [r.data.metrics["test_acc"] for r in found]
+            comps[world] = [r.data.metrics["compression"] for r in found]
+            wall[world] = [walls.get((method, world, s)) for s in seeds if (method, world, s) in walls]
+        if not accs[1] or not accs[2]:
+            print(f"| {method} | {len(accs[1])} runs | {len(accs[2])} runs | — | | |")
+            continue
+        (m1, s1), (m2, s2) = _mean_std(accs[1]), _mean_std(accs[2])
+        ok = "ok" if abs(m2 - m1) <= 2 * max(s1, s2, 1e-9) else "**no**"
+        walls_text = " / ".join(f"{statistics.fmean(wall[w]):.0f}" if wall[w] else "—" for w in (1, 2))
+        print(f"| {method} | {m1:.2f} ± {s1:.2f} | {m2:.2f} ± {s2:.2f} | {ok} | "
+              f"{statistics.fmean(comps[1]):.2f} / {statistics.fmean(comps[2]):.2f} | {walls_text} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--data", default="digits")
+    parser.add_argument("--model", default="lenet300")
+    parser.add_argument("--ratio", type=float, default=8)
+    parser.add_argument("--batch-size", type=int, default=64, help="the global batch")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "bench_ddp")
+    parser.add_argument("--report", action="store_true", help="print the table from the runs already recorded")
+    args = parser.parse_args()
+    walls = {}
+    if not args.report:
+        for seed in args.seeds:
+            for method in args.methods:
+                for world in (1, 2):
+                    walls[(method, world, seed)] = run(method, seed, world, args, args.root)
+                    print(f"  {method} world {world} seed {seed}: {walls[(method, world, seed)]:.0f} s",
+                          file=sys.stderr)
+    print(f"{args.data}/{args.model} at {args.ratio:g}x, global batch {args.batch_size}, seeds "
+          f"{' '.join(map(str, args.seeds))}, accelerator {args.accelerator}, {time.strftime('%Y-%m-%d')}")
+    report(args.root, args.methods, args.seeds, walls)
+
+
+if __name__ == "__main__":
+    main()
