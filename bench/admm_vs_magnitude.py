@@ -14,51 +14,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from prunelab.bench_util import compose, private_root
+
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = (2, 4, 8, 16, 32, 64, 128)
-
-
-def compose(overrides: list[str], run_dir: Path):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    from prunelab.train import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=[*overrides, f"paths.run_dir={run_dir}"],
-                            return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
-
-def private_root(path: str) -> Path:
-    """Record into ``path`` (PRUNELAB_ROOT: store, dense-baseline cache, run folders), quietly: in-process runs of
-    the benchmarks print their own table, not every library's warnings."""
-    import logging
-    import warnings
-
-    from prunelab.train import _quiet_libraries
-
-    root = Path(path).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    os.environ["PRUNELAB_ROOT"] = str(root)
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    _quiet_libraries()
-    logging.getLogger("prunelab").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    return root
 
 
 def run(overrides: list[str], root: Path) -> tuple[dict[str, float], object]:

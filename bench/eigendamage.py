@@ -21,12 +21,10 @@ import argparse
 import contextlib
 import io
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from admm_vs_magnitude import compose, private_root  # noqa: E402  (the same Hydra composition as the other benchmarks)
+from prunelab.bench_util import compose, private_root
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = {"mnist5k/lenet5": (8, 16), "digits/lenet300": (4, 8), "mnist5k/lenet5_classic": (8,)}

@@ -24,12 +24,11 @@ from pathlib import Path
 import mlflow
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from prunelab.tracking.record import FINAL_METRICS
+from prunelab.tracking.store import schema_problems
+from prunelab.tracking.teamserver import mlflow_server, postgres, postgres_bin
 
-from prunelab.tracking.record import FINAL_METRICS  # noqa: E402
-from prunelab.tracking.store import schema_problems  # noqa: E402
-from prunelab.tracking.teamserver import mlflow_server, postgres, postgres_bin  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = ["data=mnist5k", "model=lenet5", "dense.epochs=2", "finetune.epochs=4", "logger.log_model=false",
        "measure.latency=false", "num_threads=1"]
@@ -41,7 +40,7 @@ CURVES = ("train/loss", "val/acc", "train/sparsity")
 def _train(root: Path, *overrides: str, job: str = "job", wait: bool = True, env: dict | None = None):
     cmd = [sys.executable, "-m", "prunelab.train", *overrides, f"paths.root_dir={root}",
            f"paths.cache_dir={root.parent / 'dense_cache'}", f"hydra.run.dir={root / job}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    env = {**os.environ, **(env or {})}
     if not (env or {}).get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
     if wait:
@@ -149,9 +148,8 @@ ensure_experiment(sys.argv[1], "prunelab")
 
 def _first_use(uri: str, n: int, script: str, go: Path) -> int:
     """Processes that touch a fresh store at the same moment; returns how many exited 0."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=env) for _ in range(n)]
+                              stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
     for p in procs:
         p.stdout.readline()
     go.touch()
@@ -222,10 +220,9 @@ def postgres_parts(work: Path, writers: int, first_users: int) -> None:
                for m in client.get_metric_history(run.info.run_id, k)]
     (work / "record.json").write_text(json.dumps({"params": run.data.params, "metrics": metrics}))
     with postgres() as db, mlflow_server(db, work / "artifacts", workers=4) as url:
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         start = time.monotonic()
         procs = [subprocess.Popen([sys.executable, "-c", _WRITER, url, str(work / "record.json"), str(i)],
-                                  stderr=subprocess.PIPE, env=env) for i in range(writers)]
+                                  stderr=subprocess.PIPE) for i in range(writers)]
         outcomes = [p.communicate() for p in procs]
         codes = [p.returncode for p in procs]
         seconds = time.monotonic() - start

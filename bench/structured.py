@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 EXPERIMENT = "structured"
 CELLS = ("mnist5k/lenet5:2,4,8", "digits/lenet300:1.5,2,2.5")
 
@@ -54,8 +53,7 @@ def sweep(root: Path, data: str, model: str, method: str, ratios: list[str], arg
            f"pruning.granularity={args.granularity}", f"pruning.scope={args.scope}", f"finetune.epochs={args.epochs}",
            "hydra/launcher=local_parallel", "num_threads=1", f"logger.experiment_name={EXPERIMENT}",
            "logger.log_model=false", "+hydra.callbacks.mlflow_setup.report=false", *extra]
-    env = {**os.environ, "PRUNELAB_ROOT": str(root), "PRUNELAB_JOBS": str(args.jobs),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PRUNELAB_ROOT": str(root), "PRUNELAB_JOBS": str(args.jobs)}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
