@@ -72,7 +72,8 @@ def load(*roots: Path):
 def table(runs, methods, ratios) -> tuple[list[str], list[str]]:
     """Markdown lines, and the bars the issue sets, checked."""
     cells = [c for c in CELLS if c in set(runs["cell"])]
-    lines = ["| method | ratio | " + " | ".join(cells) + " |", "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |"]
+    lines = ["| method | ratio | " + " | ".join(cells) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |"]
     dense = {c: runs[(runs["cell"] == c) & (runs["status"] == "FINISHED")]["dense"].mean() for c in cells}
     lines.append("| dense | — | " + " | ".join(f"{dense[c]:.2f}" for c in cells) + " |")
     means, bars = {}, []

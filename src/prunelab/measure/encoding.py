@@ -75,7 +75,7 @@ def code_lengths(counts: np.ndarray, max_len: int = MAX_CODE_LEN) -> np.ndarray:
 
 def canonical_codes(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Canonical codes of the used symbols: ``(codes per symbol, symbols in canonical order)``."""
-    order = sorted((int(l), s) for s, l in enumerate(lengths) if l > 0)
+    order = sorted((int(n), s) for s, n in enumerate(lengths) if n > 0)
     codes = np.zeros(len(lengths), dtype=np.uint64)
     code, prev = 0, 0
     for length, symbol in order:

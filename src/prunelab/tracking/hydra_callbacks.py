@@ -58,4 +58,5 @@ class MlflowSetupCallback(Callback):
         finally:
             sweep.finish(self._uri, self._sweep, "FAILED" if failed else "FINISHED")
         if failed:  # Hydra turns a callback's exception into a warning, so say it plainly instead
-            log.error("%d sweep job(s) FAILED (reasons in MLflow, tag failure_reason): %s", len(failed), ", ".join(failed))
+            log.error("%d sweep job(s) FAILED (reasons in MLflow, tag failure_reason): %s", len(failed),
+                      ", ".join(failed))

@@ -87,7 +87,8 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
         "-" * 72,
         f" compression   requested {float(params['compression_target']):.2f}×   achieved {m['compression']:.2f}×"
         f"   (sparsity {m['sparsity']:.4f})" + _compacted(m),
-        f" accuracy      dense {m['dense_test_acc']:.2f}%   pruned {m['test_acc']:.2f}%   drop {m['acc_drop']:+.2f} pts",
+        f" accuracy      dense {m['dense_test_acc']:.2f}%   pruned {m['test_acc']:.2f}%"
+        f"   drop {m['acc_drop']:+.2f} pts",
     ]
     if warning:
         lines.append(f" WARNING       {warning}")

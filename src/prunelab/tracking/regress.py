@@ -81,7 +81,8 @@ def compare(baseline: dict, now: dict[str, dict]) -> pd.DataFrame:
             verdict = "REGRESSED"
         else:
             verdict = "ok"
-        rows.append({"cell": name, "baseline": base["mean"] if base else np.nan, "baseline_std": base["std"] if base else np.nan,
+        rows.append({"cell": name, "baseline": base["mean"] if base else np.nan,
+                     "baseline_std": base["std"] if base else np.nan,
                      "now": cur["mean"] if cur and cur["mean"] is not None else np.nan,
                      "now_std": cur["std"] if cur else np.nan, "band": band, "verdict": verdict})
     return pd.DataFrame(rows)
@@ -93,7 +94,8 @@ def format_table(table: pd.DataFrame) -> str:
 
     lines = ["| cell | baseline | now | band | verdict |", "| --- | ---: | ---: | ---: | --- |"]
     for r in table.itertuples():
-        lines.append(f"| {r.cell} | {f(r.baseline, r.baseline_std)} | {f(r.now, r.now_std)} | {f(r.band)} | {r.verdict} |")
+        lines.append(f"| {r.cell} | {f(r.baseline, r.baseline_std)} | {f(r.now, r.now_std)} | {f(r.band)} "
+                     f"| {r.verdict} |")
     return "\n".join(lines)
 
 
@@ -118,8 +120,8 @@ def noise_report(now: dict[str, dict], floor: float) -> str:
         lines += ["", f"Seed std across cells: median {np.median(stds):.2f}, max {np.max(stds):.2f} points.",
                   f"Floor of the band: {floor:.2f} points (the band is max(2 × cell std, floor)). A cell whose seeds "
                   "happen to agree closely would otherwise get a band narrower than the noise seen elsewhere in the "
-                  "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 (one "
-                  "cell whose seeds disagree wildly widens its own band, not the others')."]
+                  "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 "
+                  "(one cell whose seeds disagree wildly widens its own band, not the others')."]
     return "\n".join(lines) + "\n"
 
 

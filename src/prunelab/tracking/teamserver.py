@@ -95,7 +95,7 @@ def mlflow_server(backend_uri: str, artifacts: str | Path, workers: int = 2) -> 
     """``mlflow server`` on a free loopback port, serving artifacts from ``artifacts``; yields its URL."""
     port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    log = open(Path(tempfile.gettempdir()) / f"prunelab-mlflow-{port}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"prunelab-mlflow-{port}.log", "w")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
         [str(mlflow_cli), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
          "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
