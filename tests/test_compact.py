@@ -161,7 +161,7 @@ def test_measure_reports_compacted_size(tmp_path):
     assert not any(k.startswith(("latency", "speedup")) for k in metrics)  # latency is opt-in
     assert metrics["params"] < metrics["dense_params"] and metrics["macs_reduction"] > 1.5
     assert metrics["params_nonzero"] <= metrics["params"] and len(rows) == 4
-    assert (tmp_path / "model_sparse.npz").exists() and pruned.training
+    assert (tmp_path / "model_stored.plse").exists() and pruned.training
 
 
 def test_compression_compacted_counts_the_weights_removed_downstream(tmp_path):

@@ -48,7 +48,7 @@ def test_model_loads_in_a_fresh_process_with_the_runs_test_accuracy(make_cfg, tm
         info = mlflow.models.get_model_info(f"runs:/{run.info.run_id}/model")
         assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 8, 8]
         files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "weights")}
-        assert {"weights/model_state.pt", "weights/model_sparse.npz"} <= files
+        assert {"weights/model_state.pt", "weights/model_stored.plse"} <= files
 
 
 def test_datasets_are_the_three_splits(make_cfg, tmp_path):

@@ -27,7 +27,7 @@ from prunelab.checks import check_config, check_optimizers, check_root_env
 from prunelab.dense import dense_baseline
 from prunelab.distributed import test_accuracy
 from prunelab.data.shape import adopt_shape
-from prunelab.measure import ONNX_FILE, check_options, format_table, measure
+from prunelab.measure import ONNX_FILE, STORED_FILE, check_options, format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.models.factory import input_shape, instantiate_model
 from prunelab.pretrained import load_dense_checkpoint
@@ -40,6 +40,7 @@ from prunelab.tracking.session import RunSession, record_failed_job
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+QUANTIZED_FILE = "model_quantized.plse"
 
 
 @dataclass
@@ -146,12 +147,12 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
         metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, tmp, compacted,
                                                 **OmegaConf.to_container(cfg.measure, resolve=True))
         metrics.update(accuracy)
-        stored = parts.pruning.stored_bytes(folder / "model_quantized.npz") if parts.pruning else None
-        weights = ["model_state.pt", "model_sparse.npz"] + ([ONNX_FILE] if cfg.measure.onnx else [])
-        if stored is not None:  # the method's stored form (e.g. ADMM-NN: indices + codes + one step per layer)
+        stored = parts.pruning.stored_bytes(folder / QUANTIZED_FILE) if parts.pruning else None
+        weights = ["model_state.pt", STORED_FILE] + ([ONNX_FILE] if cfg.measure.onnx else [])
+        if stored is not None:  # the method's own stored form (ADMM-NN: quantization codes instead of values)
             metrics["bytes_stored"] = float(stored)
             metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
-            weights.append("model_quantized.npz")
+            weights.append(QUANTIZED_FILE)
         torch.save(parts.net.state_dict(), folder / "model_state.pt")
         run.record_measurement(parts.net, example, folder, format_table(rows), latency_params, weights,
                                {r["layer"]: r["sparsity"] for r in rows}, parts.datamodule, step)

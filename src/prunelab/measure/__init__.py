@@ -17,10 +17,11 @@ from prunelab.measure.compact import CompactionError, CompactResult, compact
 from prunelab.measure.export import export_onnx, onnx_latency
 from prunelab.measure.latency import check_latency_options, measure_latency
 from prunelab.measure.sparsity import format_table, layer_table, sparsity_metrics
-from prunelab.measure.storage import save_dense, save_sparse
+from prunelab.measure.storage import save_dense, save_encoded
 
 LATENCY_FILE = "latency.json"
 ONNX_FILE = "model.onnx"
+STORED_FILE = "model_stored.plse"  # the stored form (prunelab.measure.encoding): bytes_stored is its size
 
 
 def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
@@ -98,7 +99,7 @@ def measure(
             folder = Path(out_dir) if out_dir is not None else Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
             metrics["bytes_dense"] = float(save_dense(dense, Path(tmp) / "dense.npz"))
-            metrics["bytes_stored"] = float(save_sparse(pruned, folder / "model_sparse.npz", prunable))
+            metrics["bytes_stored"] = float(save_encoded(pruned, folder / STORED_FILE, prunable))
             if onnx:
                 metrics["onnx_max_abs_diff"] = export_onnx(compacted, example_input, folder / ONNX_FILE, atol=atol)
             if latency:
@@ -137,6 +138,6 @@ def check_options(options: Mapping) -> None:
 
 
 __all__ = [
-    "LATENCY_FILE", "ONNX_FILE", "CompactResult", "CompactionError", "check_options", "compact", "count_macs",
+    "LATENCY_FILE", "ONNX_FILE", "STORED_FILE", "CompactResult", "CompactionError", "check_options", "compact", "count_macs",
     "format_table", "layer_table", "measure", "measure_latency", "sparsity_metrics",
 ]

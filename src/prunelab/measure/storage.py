@@ -1,7 +1,7 @@
 """Bytes on disk: the dense float32 model vs the stored pruned form.
 
 :func:`save_encoded` writes the form papers count (relative indices + Huffman coding, :mod:`.encoding`);
-:func:`save_sparse` (bitmask + float32 values in an .npz) stays for the ``model_sparse.npz`` artifact and readers of it.
+:func:`save_sparse` (bitmask + float32 values in an .npz) is the plain form it is compared with.
 """
 
 from __future__ import annotations
