@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import torch
 
 from prunelab.pruning import METHODS
 
@@ -172,3 +173,36 @@ def test_kill9_of_rank1_ends_every_process_and_the_run_then_resume_gives_the_uni
     final = _checks(root)[-1]
     assert final["ranks"][0] == final["ranks"][1]
     assert final["ranks"][0]["masks"] == expected["masks"]
+
+
+two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                              reason="needs 2 CUDA devices")
+
+
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_on_two_gpus_with_nccl(tmp_path, cache, method):
+    """The CPU checks above on CUDA: NCCL, 2 GPUs, one run, identical state on both ranks."""
+    proc = _cli(tmp_path, cache, f"pruning={method}", "trainer.accelerator=gpu", "trainer.devices=2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (run,) = _runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.metrics["compression"] == pytest.approx(4.0, rel=0.02)
+    _assert_identical_ranks(tmp_path)
+
+
+@pytest.mark.gpu
+@two_gpus
+def test_kill9_of_rank1_on_two_gpus_ends_every_process(tmp_path, cache):
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "prunelab.train",
+                             *_args(root, cache, "finetune.epochs=12", "trainer.accelerator=gpu", "trainer.devices=2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(root / "job" / "checkpoints", proc, time.monotonic() + TIMEOUT)
+    _rank1(psutil.Process(proc.pid)).send_signal(signal.SIGKILL)
+    try:
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
