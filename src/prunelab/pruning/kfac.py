@@ -52,15 +52,20 @@ def _input_geometry(module: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, i
     return counts.reshape(-1), cols.shape[-1]
 
 
+def _positions(t: torch.Tensor) -> int:
+    """Positions per example of a Linear layer's input or output gradient (tokens; 1 for a plain (B, D) batch)."""
+    return t[0].numel() // t.shape[-1]
+
+
 def input_moment(module: nn.Module, x: torch.Tensor, patch: bool) -> torch.Tensor:
     """Σ over the batch of the per-example A contribution (divide by the number of examples for A)."""
     x = x.detach().to(torch.float64)
     bias = module.bias is not None
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear):  # tokens (B, T, …, D) are positions, as a conv's are: A / T², G · T
         a = x.reshape(-1, x.shape[-1])
         if bias:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        return a.T @ a
+        return a.T @ a / _positions(x) ** 2
     p = math.prod(module.kernel_size)
     if not patch:
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, C·P, T)
@@ -85,8 +90,9 @@ def output_moment(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Σ over the batch of the per-example G contribution, from the per-example output gradients ``g``."""
     g = g.detach().to(torch.float64)
     if isinstance(module, nn.Linear):
+        t = _positions(g)
         g = g.reshape(-1, g.shape[-1])
-        return g.T @ g
+        return t * (g.T @ g)
     t = g.shape[-2] * g.shape[-1]
     g = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
     return t * (g.T @ g)
@@ -95,9 +101,17 @@ def output_moment(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
 def square_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor, chunk: int = 16) -> list[torch.Tensor]:
     """Σ over the batch of the squared per-example gradients of ``weight`` (and ``bias``): the diagonal Fisher."""
     x, g = x.detach().to(torch.float64), g.detach().to(torch.float64)
-    if isinstance(module, nn.Linear):  # per-example gradient g aᵀ, so its square is (g²)(a²)ᵀ
+    if isinstance(module, nn.Linear) and x.dim() == 2:  # per-example gradient g aᵀ, so its square is (g²)(a²)ᵀ
         out = [(g * g).T @ (x * x)]
         return out + ([(g * g).sum(0)] if module.bias is not None else [])
+    if isinstance(module, nn.Linear):  # tokens: the per-example gradient sums g_t a_tᵀ over positions t
+        weight, bias = torch.zeros_like(module.weight, dtype=torch.float64), None
+        for xs, gs in zip(x.split(chunk), g.split(chunk)):
+            xs, gs = xs.reshape(xs.shape[0], -1, xs.shape[-1]), gs.reshape(gs.shape[0], -1, gs.shape[-1])
+            weight += torch.bmm(gs.transpose(1, 2), xs).square().sum(0)
+            gsum = gs.sum(1).square().sum(0)
+            bias = gsum if bias is None else bias + gsum
+        return [weight] + ([bias] if module.bias is not None else [])
     weight, bias = torch.zeros_like(module.weight, dtype=torch.float64).flatten(1), None
     for xs, gs in zip(x.split(chunk), g.split(chunk)):
         cols = F.unfold(xs, module.kernel_size, module.dilation, module.padding, module.stride)  # (b, C·P, T)
@@ -106,6 +120,32 @@ def square_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor, chunk: int 
         gsum = gs.flatten(2).sum(-1).square().sum(0)
         bias = gsum if bias is None else bias + gsum
     return [weight.view_as(module.weight)] + ([bias] if module.bias is not None else [])
+
+
+def unfactorable(net: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """The layers of ``modules`` whose Fisher statistics a pass cannot collect, each with the reason: the pass reads
+    a layer's input and output gradient through its forward and backward hooks, and unfolds convolutions as dense
+    ones."""
+    attention = {f"{n}.out_proj" for n, m in net.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    reasons = {}
+    for name, m in modules.items():
+        if name in attention:
+            reasons[name] = "the out_proj of an nn.MultiheadAttention, whose forward uses its weight without calling it"
+        elif isinstance(m, nn.Conv2d) and m.groups != 1:
+            reasons[name] = f"a grouped (depthwise) Conv2d, groups={m.groups}"
+        elif isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
+            reasons[name] = f"a Conv2d with padding_mode={m.padding_mode!r}"
+    return reasons
+
+
+def refuse_unfactorable(method: str, net: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Raise a ValueError naming every layer of ``modules`` :func:`unfactorable` finds, and how to leave them out."""
+    reasons = unfactorable(net, modules)
+    if reasons:
+        shown = "; ".join(f"{n!r}: {why}" for n, why in list(reasons.items())[:3])
+        raise ValueError(f"{method} cannot compute Fisher statistics for {len(reasons)} layer(s) ({shown}"
+                         f"{'; …' if len(reasons) > 3 else ''}); leave them out with "
+                         f"pruning.exclude=[{','.join(reasons)}]")
 
 
 def training_batches(trainer: pl.Trainer, limit: int | None = None) -> Iterable:
