@@ -1,14 +1,16 @@
 """The sweep report as a comparison page: one colour per method in every panel, one legend entry per method, dense
-baseline, log-2 ratio axes, latency joined in x order, collapsed and failed cells marked and off the Pareto front,
-a small HTML page, and `prunelab-report` on the latest sweep into a folder of its own."""
+baseline, log-2 ratio axes, latency as medians with their IQR (not joined), collapsed and failed cells marked and off
+the Pareto front, the best method per ratio, a self-contained HTML page, descriptions that link it from the parent run
+and the experiment, and `prunelab-report` on the latest sweep into a folder of its own."""
 
 import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
-from prunelab.tracking import report, report_figure
+from prunelab.tracking import report, report_figure, ui
 from prunelab.tracking.sweep import KIND_TAG
 from prunelab.tracking.ui import method_color
 
@@ -18,7 +20,8 @@ def _run(exp, sweep, method, ratio, seed, acc, collapsed=False, latency=None, de
         mlflow.log_params({"dataset": "mnist5k", "model": "lenet5", "method": method, "granularity": "weight",
                            "compression_target": ratio, "seed": seed})
         mlflow.log_metrics({"test_acc": acc, "dense_test_acc": dense + seed, "compression": ratio,
-                            "macs_reduction": ratio / 2, "latency_cpu_b1_ms": latency or 1.0 / ratio})
+                            "macs_reduction": ratio / 2, "latency_cpu_b1_ms": latency or 1.0 / ratio,
+                            "latency_cpu_b1_iqr_ms": 0.1 * (latency or 1.0 / ratio)})
 
 
 @pytest.fixture
@@ -64,7 +67,10 @@ def test_one_colour_per_method_one_legend_entry_dense_line_and_ratio_ticks(store
     assert len(dense) == 3 and all(list(t.y) == [97.5, 97.5] for t in dense)  # mean over seeds 97, 98
     assert fig.layout.xaxis.ticktext == ("4×", "8×", "16×") and fig.layout.xaxis.type == "log"
     latency = [t for t in fig.data if t.legendgroup == "magnitude" and t.xaxis == "x3"][0]
-    assert list(latency.x) == sorted(latency.x)  # joined in x order
+    assert latency.mode == "markers"  # medians of noisy timings are not joined into a trend
+    assert list(latency.x) == [0.25, 0.5] and list(latency.error_x.array) == pytest.approx([0.0125, 0.025])
+    compression = [t for t in fig.data if t.legendgroup == "magnitude" and t.xaxis == "x"][0]
+    assert compression.mode == "lines+markers" and compression.error_x.array is None
 
 
 def test_log2_ticks_stay_few_on_wide_ranges():
@@ -72,15 +78,46 @@ def test_log2_ticks_stay_few_on_wide_ranges():
     assert len(report_figure.log2_ticks(1, 600)) <= 8
 
 
-def test_html_is_small_and_loads_plotly_from_beside_it(store, tmp_path):
+def test_html_carries_plotly_so_a_downloaded_page_draws_its_figure(store, tmp_path):
     uri, _ = store
     result = report.build(uri, "prunelab", "s1", out_dir=tmp_path / "r")
     page = (tmp_path / "r" / "accuracy.html").read_text()
-    assert len(page) < 100_000 and "plotly.min.mjs" in page
-    assert (tmp_path / "r" / "plotly.min.mjs").stat().st_size > 1_000_000
-    assert "collapsed" in page and "<table" in page
+    assert len(page) > 1_000_000 and "<script src=" not in page and "plotly.min" not in page  # nothing beside it
+    assert 'id="figure"' in page and "Plotly.newPlot" in page
+    assert "collapsed" in page and "Best method at each requested ratio" in page and "<table" in page
     assert json.loads((tmp_path / "r" / "table.json").read_text())["columns"][:4] == report.CELL
     assert {f.name for f in result.files} >= {"accuracy.png", "accuracy.html", "table.md"}
+
+
+def test_best_method_per_ratio_leaves_collapsed_cells_out(store):
+    uri, _ = store
+    best = report.best_per_ratio(report.summarize(report.load_runs(uri, "prunelab", "s1")))
+    at = best.set_index("compression_target")
+    assert at.loc[4, "best"] == "admm" and at.loc[4, "runner_up"] == "magnitude"
+    assert at.loc[4, "margin"] == pytest.approx(0.3) and at.loc[4, "clear"]  # 0.3 > std 0.28 of magnitude's seeds
+    assert at.loc[16, "best"] == "magnitude" and pd.isna(at.loc[16, "runner_up"])  # admm@16 has a collapsed run
+    shown = report.display_best(best)
+    assert shown.iloc[0].tolist() == ["mnist5k / lenet5", "4×", "admm", "96.50 ± 0.00", "magnitude", "+0.30"]
+
+
+def test_parent_run_and_experiment_descriptions_link_the_report(store, tmp_path):
+    uri, exp = store
+    client = mlflow.MlflowClient()
+    client.set_experiment_tag(exp, "mlflow.note.content", ui.NOTE)
+    parent = client.create_run(exp, tags={"sweep_id": "s1", KIND_TAG: "sweep"}).info.run_id
+    report.build(uri, "prunelab", "s1", parent_run_id=parent, out_dir=tmp_path / "r")
+    link = f"#/experiments/{exp}/runs/{parent}/artifacts/report/accuracy.html?workflowType=machine_learning"
+    described = client.get_run(parent).data.tags["mlflow.note.content"]
+    assert f"]({link})" in described and "| mnist5k / lenet5 | 4× | admm | 96.50 ± 0.00 | magnitude |" in described
+    assert described.startswith("Best method per ratio — mnist5k/lenet5: 4× admm · 16× magnitude\n")
+    note = client.get_experiment(exp).tags["mlflow.note.content"]
+    assert note.startswith(f"**Latest sweep report:** [sweep s1]({link}) — best per ratio: mnist5k/lenet5: 4× admm")
+    assert note.endswith(ui.NOTE)
+    report.build(uri, "prunelab", "s1", parent_run_id=parent, out_dir=tmp_path / "r")  # rebuilt: replaced, not added
+    assert client.get_experiment(exp).tags["mlflow.note.content"] == note
+    client.set_experiment_tag(exp, "mlflow.note.content", "my own notes")  # a person's description is kept
+    report.build(uri, "prunelab", "s1", parent_run_id=parent, out_dir=tmp_path / "r")
+    assert client.get_experiment(exp).tags["mlflow.note.content"] == "my own notes"
 
 
 def test_report_cli_takes_the_latest_sweep_into_its_own_folder(store, tmp_path, monkeypatch, capsys):

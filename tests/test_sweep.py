@@ -37,8 +37,7 @@ def test_two_by_two_sweep_has_one_parent_and_tagged_children(tmp_path):
     # one dense baseline per (data, model, seed): seeds 0 and 1 each trained once
     assert sorted(c.data.tags["dense_cache_hit"] for c in children) == ["False", "False", "True", "True"]
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
-    assert files == {f"report/{f}" for f in ("accuracy.png", "accuracy.html", "plotly.min.mjs", "table.json",
-                                             "table.md")}
+    assert files == {f"report/{f}" for f in ("accuracy.png", "accuracy.html", "table.json", "table.md")}
     table = mlflow.MlflowClient().load_table(parent.info.experiment_id, "report/table.json",
                                              run_ids=[parent.info.run_id])
     assert sorted(table["compression_target"]) == [2, 4] and (table["seeds"] == 2).all()
@@ -85,8 +84,7 @@ def test_report_from_store_with_missing_and_failed_cells(tmp_path):
     assert t.loc[("mnist5k", "magnitude", 16), "status"] == "FAILED"
     assert t.loc[("digits", "admm", 4), "status"] == "ok"
     assert len(result.failed) == 1
-    assert {f.name for f in result.files} == {"accuracy.png", "accuracy.html", "plotly.min.mjs", "table.json",
-                                              "table.md"}
+    assert {f.name for f in result.files} == {"accuracy.png", "accuracy.html", "table.json", "table.md"}
     assert all(f.stat().st_size > 0 for f in result.files)
 
 

@@ -1,15 +1,16 @@
 """Sweep report: the page that compares the methods of one sweep, read back from MLflow.
 
-Test accuracy vs compression, vs MACs reduction and vs measured CPU latency (``report_figure``), and the table of
-cells (dataset, model, method, requested compression): mean ± std over seeds with their count, collapsed and failed
-runs marked. Logged on the sweep's parent run under ``report/``; ``prunelab-report`` rebuilds it for the latest sweep
-or ``--sweep-id ID``, into ``outputs/reports/<sweep id>/``.
+Test accuracy vs compression, vs MACs reduction and vs measured CPU latency (``report_figure``), the best method at
+each requested ratio, and the table of cells (dataset, model, method, requested compression): mean ± std over seeds
+with their count, collapsed and failed runs marked. Logged on the sweep's parent run under ``report/``; the parent
+run's description names the best method per ratio and links the report, and so does the experiment's description
+(the latest sweep). ``prunelab-report`` rebuilds it for the latest sweep or ``--sweep-id ID``, into
+``outputs/reports/<sweep id>/``.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +19,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from prunelab.tracking import report_figure
+from prunelab.tracking import report_figure, ui
 from prunelab.tracking.collapse import TAG as COLLAPSED_TAG
 from prunelab.tracking.sweep import KIND_TAG
 
 CELL = ["dataset", "model", "method", "compression_target"]
 _METRICS = ("test_acc", "dense_test_acc", "acc_drop", "compression", "compression_compacted", "macs_reduction",
-            "latency_cpu_b1_ms", "speedup_cpu_b1")
+            "latency_cpu_b1_ms", "latency_cpu_b1_iqr_ms", "speedup_cpu_b1")
 
 
 @dataclass
@@ -66,7 +67,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     agg = finished.groupby(CELL).agg(
         test_acc=("test_acc", "mean"), test_acc_std=("test_acc", "std"), seeds=("test_acc", "size"),
         collapsed=("collapsed", "sum"), compression=("compression", "mean"),
-        macs_reduction=("macs_reduction", "mean"), latency_cpu_b1_ms=("latency_cpu_b1_ms", "mean"),
+        macs_reduction=("macs_reduction", "mean"), latency_cpu_b1_ms=("latency_cpu_b1_ms", "median"),
+        latency_cpu_b1_iqr_ms=("latency_cpu_b1_iqr_ms", "median"),  # a run's spread over its timing blocks
     )
     failed = runs[runs["status"] != "FINISHED"].groupby(CELL).size().rename("failed")
     grid = []
@@ -101,6 +103,71 @@ def pareto(x: np.ndarray, y: np.ndarray, x_larger_better: bool = True) -> np.nda
     return keep & np.isfinite(x) & np.isfinite(y)
 
 
+def best_per_ratio(table: pd.DataFrame) -> pd.DataFrame:
+    """The best method at each (dataset, model, requested ratio) by mean test accuracy, the runner-up and the margin;
+    cells with a collapsed run are left out. ``clear`` says whether the margin exceeds the noise, ``sqrt(std₁² +
+    std₂²)`` of the two cells (unknown, so not clear, with one seed)."""
+    ok = table[(table["seeds"] > 0) & (table["collapsed"] == 0) & table["test_acc"].notna()]
+    rows = []
+    for (dataset, model, ratio), cells in ok.groupby(["dataset", "model", "compression_target"]):
+        ranked = cells.sort_values(["test_acc", "method"], ascending=[False, True])
+        best = ranked.iloc[0]
+        row = {"dataset": dataset, "model": model, "compression_target": ratio, "best": best["method"],
+               "test_acc": best["test_acc"], "test_acc_std": best["test_acc_std"], "seeds": best["seeds"],
+               "runner_up": np.nan, "margin": np.nan, "clear": False}
+        if len(ranked) > 1:
+            second = ranked.iloc[1]
+            noise = np.hypot(best["test_acc_std"], second["test_acc_std"])
+            row.update(runner_up=second["method"], margin=best["test_acc"] - second["test_acc"],
+                       clear=bool(np.isfinite(noise) and best["test_acc"] - second["test_acc"] > noise))
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["dataset", "model", "compression_target", "best", "test_acc", "test_acc_std",
+                                       "seeds", "runner_up", "margin", "clear"])
+
+
+def display_best(best: pd.DataFrame) -> pd.DataFrame:
+    """:func:`best_per_ratio` as a person reads it."""
+    rows = []
+    for r in best.itertuples():
+        alone = pd.isna(r.runner_up)
+        margin = "—" if alone else f"{r.margin:+.2f}" + ("" if r.clear else " (within noise)")
+        rows.append([f"{r.dataset} / {r.model}", f"{r.compression_target:g}×", r.best, _accuracy(r),
+                     "—" if alone else r.runner_up, margin])
+    return pd.DataFrame(rows, columns=["data / model", "ratio", "best method", "test acc (%)", "runner-up",
+                                       "margin (pts)"])
+
+
+def best_line(best: pd.DataFrame) -> str:
+    """:func:`best_per_ratio` in one line: ``digits/lenet300: 2× magnitude · 4× admm (within noise)``."""
+    parts = []
+    for (dataset, model), cells in best.groupby(["dataset", "model"], sort=True):
+        picks = [f"{r.compression_target:g}× {r.best}" + ("" if r.clear or pd.isna(r.runner_up) else " (within noise)")
+                 for r in cells.sort_values("compression_target").itertuples()]
+        parts.append(f"{dataset}/{model}: " + " · ".join(picks))
+    return "; ".join(parts)
+
+
+def parent_description(best: pd.DataFrame, experiment_id: str, parent_run_id: str) -> str:
+    """The sweep's parent-run description: the best method per ratio in one line of plain text (what the run list's
+    Description column and the folded description show), a link to the report, then the table of the best methods
+    with the runner-up and the margin."""
+    link = (f"[test accuracy vs compression, MACs and latency, per method]"
+            f"({ui.report_path(experiment_id, parent_run_id)}) (artifact `report/accuracy.html`)")
+    if best.empty:
+        return f"No finished run without a collapse yet. Report: {link}"
+    return "\n".join([f"Best method per ratio — {best_line(best)}", "", f"**Report:** {link}", "",
+                      "Mean test accuracy over seeds; cells with a collapsed run left out:", "",
+                      _markdown(display_best(best))])
+
+
+def _markdown(shown: pd.DataFrame) -> str:
+    left = ("dataset", "model", "method", "status", "data / model", "best method", "runner-up")
+    align = ["---" if c in left else "---:" for c in shown.columns]
+    lines = ["| " + " | ".join(shown.columns) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def _accuracy(r) -> str:
     if not r.seeds:
         return "—"
@@ -122,11 +189,7 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    shown = display_table(table)
-    align = ["---" if c in ("dataset", "model", "method", "status") else "---:" for c in shown.columns]
-    lines = ["| " + " | ".join(shown.columns) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines)
+    return _markdown(display_table(table))
 
 
 def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id: str | None = None,
@@ -145,9 +208,9 @@ def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id:
         panels = report_figure.panels(table, dense_baselines(runs), pareto)
         png = report_figure.to_matplotlib(panels, title)
         png.savefig(folder / "accuracy.png", dpi=report_figure.PNG_DPI)
-        plotly_js = report_figure.write_html(panels, title, display_table(table), folder / "accuracy.html",
-                                             parent_run_id)
-        shutil.copyfile(plotly_js, folder / report_figure.PLOTLY_FILE)
+        best = best_per_ratio(table)
+        report_figure.write_html(panels, title, display_table(table), folder / "accuracy.html",
+                                 display_best(best))
         (folder / "table.md").write_text(markdown + "\n")
         table.to_json(folder / "table.json", orient="split", index=False)
         if parent_run_id:
@@ -156,15 +219,26 @@ def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id:
             logged = {a.path for a in client.list_artifacts(parent_run_id, "report")}
             if "report/table.json" not in logged:  # log_table appends to an existing table: rebuilds replace it
                 client.log_table(parent_run_id, table, "report/table.json")
-            for name in ("accuracy.html", report_figure.PLOTLY_FILE, "table.md") + (
-                    ("table.json",) if "report/table.json" in logged else ()):
+            for name in ("accuracy.html", "table.md") + (("table.json",) if "report/table.json" in logged else ()):
                 client.log_artifact(parent_run_id, str(folder / name), "report")
             client.log_metric(parent_run_id, "sweep_runs_finished", int((runs["status"] == "FINISHED").sum()))
             client.log_metric(parent_run_id, "sweep_runs_failed", len(failed))
             client.log_metric(parent_run_id, "sweep_runs_collapsed", int(runs["collapsed"].sum()))
+            _describe(client, parent_run_id, sweep_id, best)
         report_figure.close(png)
         files = sorted(folder.iterdir()) if out_dir else []
         return Report(table, markdown, failed, files)
+
+
+def _describe(client: mlflow.MlflowClient, parent_run_id: str, sweep_id: str | None, best: pd.DataFrame) -> None:
+    """Where the eye lands: the parent run's description links the report and names the best method per ratio;
+    the experiment's description links the latest sweep's report while it is prunelab's own (a person's is kept)."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    client.set_tag(parent_run_id, ui.DESCRIPTION_TAG, parent_description(best, experiment_id, parent_run_id))
+    if ui.is_own_description(client.get_experiment(experiment_id).tags.get(ui.DESCRIPTION_TAG)):
+        description = ui.experiment_description(experiment_id, sweep_id or parent_run_id, parent_run_id,
+                                                f"best per ratio: {best_line(best)}" if not best.empty else "")
+        client.set_experiment_tag(experiment_id, ui.DESCRIPTION_TAG, description)
 
 
 def find_sweep(uri: str, experiment: str, sweep_id: str | None) -> tuple[str, str]:

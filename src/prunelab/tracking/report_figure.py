@@ -3,17 +3,18 @@ for the interactive page and matplotlib for the PNG (plotly's own image export n
 
 One row of panels per cost (compression, MACs reduction, measured CPU latency), one column per dataset/model. A
 method has one colour in every panel (the colour its runs have in the MLflow UI) and a line style per granularity;
-points are mean ± std over seeds, joined in x order; the dense baseline is a dashed line; collapsed cells are crossed
-and kept off the Pareto front (open circles); failed cells are red crosses at the requested ratio. One legend.
+points are mean ± std over seeds, joined in ratio order; latency points are the median over seeds with the spread of
+the timing (the runs' interquartile range) as horizontal bars, not joined, so that load does not read as a trend; the
+dense baseline is a dashed line; collapsed cells are crossed and kept off the Pareto front (open circles); failed
+cells are red crosses at the requested ratio. One legend. The HTML page carries plotly.js inside it, so it draws its
+figure wherever it is opened: in MLflow's artifact viewer, or downloaded from it.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import math
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +22,11 @@ import pandas as pd
 
 from prunelab.tracking.ui import method_color
 
-PLOTLY_FILE = "plotly.min.mjs"  # served by MLflow as text/javascript (".js" is served as text/plain)
 PNG_DPI = 110
-AXES = (  # metric, axis title, larger is better, log-2 axis
-    ("compression", "compression (× fewer nonzero weights)", True, True),
-    ("macs_reduction", "MACs reduction (× fewer MACs)", True, True),
-    ("latency_cpu_b1_ms", "CPU latency, batch 1 (ms)", False, False),
+AXES = (  # metric, axis title, larger is better, log-2 axis, spread of x (a column, shown as ± half of it) or None
+    ("compression", "compression (× fewer nonzero weights)", True, True, None),
+    ("macs_reduction", "MACs reduction (× fewer MACs)", True, True, None),
+    ("latency_cpu_b1_ms", "CPU latency, batch 1 (ms): median, bars = IQR", False, False, "latency_cpu_b1_iqr_ms"),
 )
 # granularity → (plotly dash, plotly marker, matplotlib linestyle, matplotlib marker)
 STYLES = {"weight": ("solid", "circle", "-", "o"), "filter": ("dash", "square", "--", "s"),
@@ -53,6 +53,7 @@ class Series:
     seeds: np.ndarray
     requested: np.ndarray
     collapsed: np.ndarray
+    x_spread: np.ndarray | None = None  # a measured x: its interquartile range (points not joined)
 
 
 @dataclass
@@ -92,17 +93,21 @@ def panels(table: pd.DataFrame, dense: pd.DataFrame, pareto) -> list[Panel]:
         empty = np.empty(0)
         return [Panel(0, 0, "no finished run", AXES[0][1], True, [], None, (empty, empty), empty, 0.0)]
     out = []
-    for row, (metric, axis, larger, log2) in enumerate(axes):
+    for row, (metric, axis, larger, log2, spread) in enumerate(axes):
         for col, (dataset, model) in enumerate(groups):
             cells = ok[(ok["dataset"] == dataset) & (ok["model"] == model) & ok[metric].notna()]
             series = []
             for method in methods:
-                g = cells[cells["method"] == method].sort_values(metric)
+                g = cells[cells["method"] == method].sort_values(["compression_target", metric])
                 if not g.empty:
+                    x_spread = None
+                    if spread is not None:
+                        x_spread = (g[spread] if spread in g else pd.Series(np.nan, index=g.index)).to_numpy(float)
                     series.append(Series(method, _label(table, method), method_color(method), _style(method),
                                          g[metric].to_numpy(float), g["test_acc"].to_numpy(float),
                                          g["test_acc_std"].fillna(0.0).to_numpy(float), g["seeds"].to_numpy(int),
-                                         g["compression_target"].to_numpy(float), g["collapsed"].to_numpy(int) > 0))
+                                         g["compression_target"].to_numpy(float), g["collapsed"].to_numpy(int) > 0,
+                                         x_spread))
             kept = cells[cells["collapsed"] == 0]
             mask = pareto(kept[metric].to_numpy(float), kept["test_acc"].to_numpy(float), larger)
             base = dense[(dense["dataset"] == dataset) & (dense["model"] == model)]
@@ -117,9 +122,15 @@ def panels(table: pd.DataFrame, dense: pd.DataFrame, pareto) -> list[Panel]:
 
 
 def _extent(panel: Panel) -> tuple[float, float]:
-    xs = np.concatenate([s.x for s in panel.series] + [panel.failed]) if panel.series or len(panel.failed) else []
+    spans = [s.x if s.x_spread is None else np.concatenate([s.x - _half(s), s.x + _half(s)]) for s in panel.series]
+    xs = np.concatenate([*spans, panel.failed]) if panel.series or len(panel.failed) else []
     xs = np.asarray(xs, float)
     return (float(xs.min()), float(xs.max())) if len(xs) else (1.0, 2.0)
+
+
+def _half(s: Series) -> np.ndarray:
+    """Half the x spread of each point (0 where unknown): the bars drawn either side of the median."""
+    return np.nan_to_num(s.x_spread / 2.0) if s.x_spread is not None else np.zeros_like(s.x)
 
 
 def log2_ticks(low: float, high: float, most: int = 8) -> list[float]:
@@ -156,12 +167,16 @@ def to_plotly(panels_: list[Panel], title: str):
                                      showlegend=once(DENSE), line={"color": "#555", "dash": "dash", "width": 1.5},
                                      hovertemplate=f"dense {p.dense[0]:.2f}% (n={p.dense[1]})<extra></extra>"), **at)
         for s in p.series:
+            measured = s.x_spread is not None
             fig.add_trace(go.Scatter(
                 x=s.x, y=s.y, error_y={"type": "data", "array": s.std, "visible": True, "thickness": 1},
-                mode="lines+markers", name=s.label, legendgroup=s.method, showlegend=once(s.method),
-                line={"color": s.color, "dash": s.style[0]}, marker={"symbol": s.style[1], "size": 7},
-                customdata=np.stack([s.requested, s.seeds, s.std], axis=-1),
-                hovertemplate=f"{s.method}<br>requested %{{customdata[0]}}×<br>x %{{x:.3g}}<br>"
+                error_x={"type": "data", "array": _half(s), "visible": True, "thickness": 1} if measured else None,
+                mode="markers" if measured else "lines+markers", name=s.label, legendgroup=s.method,
+                showlegend=once(s.method), line={"color": s.color, "dash": s.style[0]},
+                marker={"symbol": s.style[1], "size": 7, "color": s.color},
+                customdata=np.stack([s.requested, s.seeds, s.std, _half(s) * 2], axis=-1),
+                hovertemplate=f"{s.method}<br>requested %{{customdata[0]}}×<br>x %{{x:.3g}}"
+                              + (" (IQR %{customdata[3]:.3g})" if measured else "") + "<br>"
                               "test acc %{y:.2f}% ± %{customdata[2]:.2f} (n=%{customdata[1]})<extra></extra>"), **at)
             if s.collapsed.any():
                 fig.add_trace(go.Scatter(x=s.x[s.collapsed], y=s.y[s.collapsed], mode="markers", name=COLLAPSED,
@@ -211,8 +226,9 @@ def to_matplotlib(panels_: list[Panel], title: str):
         if p.dense:
             handles.setdefault(DENSE, ax.axhline(p.dense[0], color="#555", ls="--", lw=1.2))
         for s in p.series:
-            line = ax.errorbar(s.x, s.y, yerr=s.std, color=s.color, ls=s.style[2], marker=s.style[3], ms=5,
-                               capsize=3, lw=1.5)
+            measured = s.x_spread is not None
+            line = ax.errorbar(s.x, s.y, yerr=s.std, xerr=_half(s) if measured else None, color=s.color,
+                               ls="none" if measured else s.style[2], marker=s.style[3], ms=5, capsize=3, lw=1.5)
             handles.setdefault(s.label, line)
             if s.collapsed.any():
                 handles.setdefault(COLLAPSED, ax.scatter(s.x[s.collapsed], s.y[s.collapsed], marker="x", s=90,
@@ -245,49 +261,32 @@ def close(fig) -> None:
 
 _PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title>
-<style>body{{margin:0;font:14px sans-serif}} #figure{{width:100%;height:{height}px}} section{{margin:8px 16px}}
+<style>body{{margin:0;font:14px sans-serif}} section{{margin:8px 16px}} h2{{font-size:16px}}
 table{{border-collapse:collapse}}
 td,th{{padding:2px 8px;border-bottom:1px solid #ddd;text-align:right;white-space:nowrap}}</style>
-</head><body><div id="figure"></div>
-<section><p>{caption}</p>{table}</section>
-<script>
-// plotly.js is not inlined (4.8 MB): it is the file {plotly} beside this page. MLflow's artifact viewer shows the
-// page from a blob: URL, where a relative path resolves nowhere, so there it comes from the server's artifact API.
-(function () {{
-  var figure = {figure};
-  var sources = ["{plotly}"];
-  if (location.protocol === "blob:" && {run}) {{
-    sources.unshift(new URL(location.href.slice(5)).origin + "/get-artifact?path=report%2F{plotly}&run_uuid=" + {run});
-  }}
-  function load(i) {{
-    if (i >= sources.length) {{
-      document.getElementById("figure").textContent = "plotly.js not found (expected {plotly} beside this page)";
-      return;
-    }}
-    var script = document.createElement("script");
-    script.src = sources[i];
-    script.onload = function () {{
-      Plotly.newPlot("figure", figure.data, figure.layout, {{responsive: true, displaylogo: false}});
-    }};
-    script.onerror = function () {{ load(i + 1); }};
-    document.head.appendChild(script);
-  }}
-  load(0);
-}})();
-</script></body></html>
+</head><body>{figure}
+<section><p>{caption}</p><h2>Best method at each requested ratio</h2><p>{best_caption}</p>{best}
+<h2>Every cell</h2>{table}</section>
+</body></html>
 """
 
-CAPTION = ("Points: mean test accuracy over seeds (n in the legend; error bars ± one std where n > 1), joined in x "
-           "order. Dashed: the dense baseline. Open circles: the Pareto front of each panel. Crossed: cells with a "
-           "collapsed run (accuracy near chance or a network with no path from input to output), kept off the "
-           "front. Red crosses: failed runs, at their requested ratio.")
+CAPTION = ("Points: mean test accuracy over seeds (n in the legend; error bars ± one std where n > 1), joined in "
+           "order of the requested ratio. Latency: the median over seeds of each run's median time, the horizontal "
+           "bar its interquartile range over the timing blocks; not joined, since latency measured on a loaded "
+           "machine is noisy. Dashed: the dense baseline. Open circles: the Pareto front of each panel. Crossed: "
+           "cells with a collapsed run (accuracy near chance or a network with no path from input to output), kept "
+           "off the front. Red crosses: failed runs, at their requested ratio.")
+BEST_CAPTION = ("Mean test accuracy over seeds; cells with a collapsed run left out. The margin is over the runner-up; "
+                "\"within noise\" when it is not larger than the two cells' standard deviations combined.")
 
 
-def write_html(panels_: list[Panel], title: str, table: pd.DataFrame, path: Path, run_id: str | None) -> Path:
-    """Write the interactive page (figure + table, plotly.js loaded from beside it); return plotly.js's path."""
+def write_html(panels_: list[Panel], title: str, table: pd.DataFrame, path: Path, best: pd.DataFrame) -> None:
+    """Write the interactive page: the figure with plotly.js inside it (about 5 MB, so that it draws offline and
+    downloaded), the best method per ratio (``best``) and every cell (``table``), both as displayed."""
     fig = to_plotly(panels_, title)
+    figure = fig.to_html(full_html=False, include_plotlyjs=True, div_id="figure", default_height=int(fig.layout.height),
+                         config={"responsive": True, "displaylogo": False})
     path.write_text(_PAGE.format(
-        title=html.escape(title), height=int(fig.layout.height), caption=html.escape(CAPTION),
-        table=table.to_html(index=False, border=0), plotly=PLOTLY_FILE, figure=fig.to_json(),
-        run=json.dumps(run_id) if run_id else "null"))
-    return Path(str(resources.files("plotly") / "package_data" / "plotly.min.js"))
+        title=html.escape(title), caption=html.escape(CAPTION), best_caption=html.escape(BEST_CAPTION),
+        best=best.to_html(index=False, border=0), table=table.to_html(index=False, border=0), figure=figure),
+        encoding="utf-8")

@@ -35,7 +35,7 @@ def missing() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -44,7 +44,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def serve(uri: str, port: int | None = None, timeout: float = 180.0) -> Iterator[str]:
     """Run ``mlflow server`` on ``uri`` as ``make ui`` does (one worker, no job runner); yield its base URL."""
-    port = port or _free_port()
+    port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
@@ -132,3 +132,29 @@ def traces(frame) -> list[dict]:
     """The drawn figure's traces: name, legend group and whether it has a legend entry."""
     return frame.evaluate("() => document.getElementById('figure').data.map("
                           "t => ({name: t.name, group: t.legendgroup, legend: t.showlegend !== false}))")
+
+
+def download_report(page, folder: Path) -> Path:
+    """Press the download button of the artifact shown in MLflow's artifact viewer (:func:`open_report` first), as a
+    person saving the report would; return the saved file."""
+    button = page.locator("button[data-component-id*='artifactview']").filter(has=page.locator("svg")).last
+    with page.expect_download(timeout=60_000) as download:
+        button.click()
+    path = Path(folder) / download.value.suggested_filename
+    download.value.save_as(path)
+    return path
+
+
+def figure_drawn(page, timeout: float = 60_000) -> int:
+    """Wait until the report's plotly figure is drawn on ``page`` (a page or a frame); return its number of traces."""
+    page.wait_for_function("() => { const f = document.getElementById('figure');"
+                           " return f && f.data && f.data.length && f.querySelector('.main-svg .scatterlayer'); }",
+                           timeout=timeout)
+    return page.evaluate("() => document.getElementById('figure').data.length")
+
+
+def in_view(page, locator) -> bool:
+    """Whether the first element of ``locator`` starts inside the window, as drawn (no scrolling needed to see it)."""
+    box = locator.first.bounding_box()
+    size = page.viewport_size
+    return box is not None and 0 <= box["x"] < size["width"] - 40 and 0 <= box["y"] < size["height"] - 20
