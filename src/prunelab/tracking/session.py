@@ -58,7 +58,9 @@ class RunSession:
     """The MLflow run of one prunelab run, as a context manager: entered, the run is open (resumed from
     ``resumed`` when given); left with an exception, it ends FAILED or KILLED with the reason.
 
-    Every method is a no-op on ranks other than 0, so the run's code is the same on every rank.
+    The run's code is the same on every rank: entering shares the run id from rank 0, :meth:`logger` and
+    :meth:`set_tags` write nothing on the other ranks, and the measurement's records (:meth:`record_measurement`,
+    :meth:`finish`) are made inside the step rank 0 alone runs.
     """
 
     def __init__(self, cfg: DictConfig, describe: dict[str, Any], ranks: Ranks, job_sweep: Sweep | None,
