@@ -4,7 +4,8 @@ A pruned network recovers in optimizer steps, not epochs, and the further it is 
 et al. 2015 retrain longer at higher ratios; Zhu & Gupta 2017 spread the prune phase over many steps). With a fixed
 epoch count a small dataset gets too few steps (8×8 digits: 20 steps an epoch) and a high ratio too little recovery
 (`bench/robustness.py` shows both). ``finetune.epochs: auto`` gives ``steps_per_doubling × log2(compression)``
-steps, at least ``min_epochs`` epochs.
+steps, at least ``min_epochs`` epochs. ADMM-NN's quantization phase (``pruning.quantize``) comes on top: the
+pruning keeps the steps it would have unquantized, and the quantization phase takes its ``share`` of the whole.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import math
 
 from omegaconf import DictConfig, open_dict
 
+from prunelab.pruning.quantize import SHARE
+
 AUTO = "auto"
+
+
+def prune_steps(cfg: DictConfig) -> float:
+    """Optimizer steps the pruning itself gets at ``finetune.epochs: auto``."""
+    return cfg.finetune.steps_per_doubling * math.log2(max(float(cfg.pruning.compression), 1.0))
 
 
 def finetune_epochs(cfg: DictConfig, train_batches: int) -> int:
@@ -21,7 +29,10 @@ def finetune_epochs(cfg: DictConfig, train_batches: int) -> int:
     epochs = cfg.finetune.epochs
     if epochs != AUTO:
         return int(epochs)
-    steps = cfg.finetune.steps_per_doubling * math.log2(max(float(cfg.pruning.compression), 1.0))
+    steps = prune_steps(cfg)
+    quant = cfg.pruning.get("quantize")
+    if quant:
+        steps /= 1.0 - float(quant.get("share", SHARE))
     return max(int(cfg.finetune.min_epochs), math.ceil(steps / max(train_batches, 1)))
 
 

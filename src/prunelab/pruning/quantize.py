@@ -1,4 +1,5 @@
-"""ADMM-NN weight quantization (Ye et al. 2019, arXiv 1812.11677; docs/methods/admm.md, "ADMM-NN quantization").
+"""ADMM-NN weight quantization (Ren et al., ASPLOS 2019, arXiv 1812.11677; Ye et al. 2018, arXiv 1811.01907;
+docs/methods/admm.md, "Quantization phase").
 
 Levels are uniform, symmetric and exclude zero: ``{±q, ±2q, …, ±Mq}``; exact zeros (pruned weights) stay zero. The
 stored form written by :func:`save_quantized` is what ``bytes_stored`` counts: per quantized layer Huffman-coded
@@ -17,7 +18,8 @@ from torch import nn
 
 from prunelab.measure.storage import load_encoded, save_encoded
 
-SPEC_KEYS = ("bits", "levels_per_side")
+SPEC_KEYS = ("bits", "levels_per_side", "share")
+SHARE = 0.25  # the quantization phase's default share of the fit (finetune.epochs=auto adds it to the budget)
 
 
 def levels_from_bits(bits: int) -> int:
@@ -26,9 +28,10 @@ def levels_from_bits(bits: int) -> int:
 
 
 class QuantSpec:
-    """Per-layer levels from ``bits`` or ``levels_per_side`` (an int for every layer, or ``{layer: int}``)."""
+    """Per-layer levels from ``bits`` or ``levels_per_side`` (an int for every layer, or ``{layer: int}``), and the
+    ``share`` of the fit the quantization phase takes (its ADMM iterations and the retraining on its levels)."""
 
-    def __init__(self, bits=None, levels_per_side=None) -> None:
+    def __init__(self, bits=None, levels_per_side=None, share: float = SHARE) -> None:
         if (bits is None) == (levels_per_side is None):
             raise ValueError(f"pruning.quantize needs exactly one of bits / levels_per_side, got bits={bits!r}, "
                              f"levels_per_side={levels_per_side!r}")
@@ -38,6 +41,9 @@ class QuantSpec:
             if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= (16 if key == "bits" else 32767):
                 where = f"pruning.quantize.{key}" + (f".{name}" if name is not None else "")
                 raise ValueError(f"{where}={v!r} must be an integer in [{low}, {16 if key == 'bits' else 32767}]")
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share < 1.0:
+            raise ValueError(f"pruning.quantize.share={share!r} must be a number in (0, 1)")
+        self.share = float(share)
         self.key = key
         self.table = {n: levels_from_bits(v) if key == "bits" else v for n, v in table.items()}
 
@@ -70,6 +76,25 @@ def quantize(x: torch.Tensor, q: float, levels: int) -> torch.Tensor:
     """Nearest level of every nonzero of ``x`` in ``{±q, …, ±Mq}`` (midpoint boundaries); zeros stay zero."""
     mag = torch.clamp(torch.round(x.abs() / q), 1, levels)
     return torch.where(x == 0, torch.zeros_like(x), torch.sign(x) * (mag * q))
+
+
+def search_step(w: torch.Tensor, levels: int, low: float = 0.2, high: float = 1.2, points: int = 1001) -> float:
+    """Step q minimising Σ(w − nearest level)² over the nonzeros of ``w``, searched over [low·a, high·a] with
+    a = max|w|/M (``points`` evenly spaced candidates). ADMM-NN's own scan (:func:`scan_step`, [0.9a, 1.1a]) puts the
+    largest weight near the top level; with 3 levels a side that leaves most of the kept weights on ±q, so the range
+    reaches down to where clipping the few largest weights costs less than rounding the many. Returned as a
+    float32-exact value."""
+    vals = w.detach()[w != 0].abs().double().cpu()
+    if vals.numel() == 0:
+        return 1.0
+    a = float(vals.max()) / levels
+    cands = torch.tensor([a * (low + (high - low) * i / (points - 1)) for i in range(points)],
+                         dtype=torch.float32).double()
+    errs = torch.empty(points, dtype=torch.float64)
+    for i in range(0, points, 64):  # chunks keep the (candidates × weights) table small
+        q = cands[i:i + 64, None]
+        errs[i:i + 64] = ((vals[None] - torch.clamp(torch.round(vals[None] / q), 1, levels) * q) ** 2).sum(1)
+    return float(cands[int(torch.argmin(errs))])
 
 
 def scan_step(w: torch.Tensor, levels: int) -> float:

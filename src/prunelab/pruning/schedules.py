@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def compression_to_sparsity(compression: float) -> float:
     """Fraction of zeros for a compression ratio (weights before / nonzero after)."""
@@ -55,3 +57,32 @@ def update_steps(mode: str, prune_steps: int, rounds: int = 1, frequency: int = 
 def round_steps(total_steps: int, prune_fraction: float, rounds: int) -> list[int]:
     """Steps of ``rounds`` prune rounds spread evenly over the first ``prune_fraction`` of ``total_steps``."""
     return update_steps("iterative", int(prune_fraction * total_steps), rounds)
+
+
+def progressive_ratios(compression: float, max_step: float) -> list[float]:
+    """Ratios of the steps of a progressive prune to ``compression`` (progressive ADMM, Ye et al. 2018, arXiv
+    1810.07378): the fewest steps whose ratio to the previous one is at most ``max_step``, all with the same ratio
+    (a geometric sequence, so each step removes the same share of the weights still alive), the last exactly
+    ``compression``."""
+    if compression <= max_step:
+        return [float(compression)]
+    steps = math.ceil(math.log(compression) / math.log(max_step) - 1e-9)
+    return [compression ** ((i + 1) / steps) for i in range(steps - 1)] + [float(compression)]
+
+
+def stage_bounds(units: int, shares: list[float], fraction: float, unit_steps: int = 1,
+                 nearest: bool = False) -> list[tuple[int, int]]:
+    """``(start, hard)`` step of every stage of a staged fit of ``units`` units (steps, or epochs of ``unit_steps``
+    steps): the units split in proportion to ``shares`` (whole units), each stage's first ``fraction`` before its
+    hard event (rounded down, or to the nearest unit with ``nearest``). The last stage ends with the fit."""
+    total, bounds, done = sum(shares), [], 0.0
+    starts = []
+    for share in shares:
+        starts.append(int(round(units * done / total)))
+        done += share
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else units
+        length = (end - start) * fraction
+        hard = start + (int(round(length)) if nearest else int(length))
+        bounds.append((start * unit_steps, hard * unit_steps))
+    return bounds

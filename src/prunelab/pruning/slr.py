@@ -57,6 +57,8 @@ class SLRPruning(ADMMPruning):
         r: step-size parameter 0 < r < 1.
         update_every, update_unit, admm_fraction, retrain, eval_after_hard_prune: as :class:`ADMMPruning` (one SLR
             update per period; then the hard prune, ``slr/acc_after_hard_prune``, and masked retraining).
+        progressive, progressive_max_step: as :class:`ADMMPruning`: SLR to intermediate ratios, each stage an SLR
+            phase started afresh (s₀, k = 1), a hard prune and masked retraining.
         **kwargs: granularity, scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
     """
 
@@ -65,10 +67,12 @@ class SLRPruning(ADMMPruning):
     def __init__(self, compression: float, rho: float = 1e-2, initial_s: float = 1e-2, M: float = 300.0,
                  r: float = 0.1, update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
                  retrain: str = "restart", eval_after_hard_prune: bool = True, rho_growth: float | str = AUTO_GROWTH,
-                 rho_max: float | None = 0.3, **kwargs) -> None:
+                 rho_max: float | None = 0.3, progressive=None, progressive_max_step: float = 32.0,
+                 **kwargs) -> None:
         check_known("SLR", kwargs, BASE_OPTIONS)
         super().__init__(compression, rho=rho, rho_growth=rho_growth, rho_max=rho_max, update_every=update_every,
                          update_unit=update_unit, admm_fraction=admm_fraction, retrain=retrain,
+                         progressive=progressive, progressive_max_step=progressive_max_step,
                          eval_after_hard_prune=eval_after_hard_prune, **kwargs)
         self.s0 = self.s = check_number("initial_s", initial_s, 0.0)
         self.M = check_number("M", M, 1.0)
@@ -84,8 +88,11 @@ class SLRPruning(ADMMPruning):
     # ----------------------------------------------------------------- the multiplier update
     @torch.no_grad()
     def init_admm(self) -> None:
-        """ADMM's Z ← Π(W), U ← 0; the last accepted point starts at (W, Z)."""
+        """ADMM's Z ← Π(W), U ← 0; the last accepted point starts at (W, Z), the step size at s₀ and k at 1 (every
+        stage of a progressive run is an SLR run of its own)."""
         super().init_admm()
+        self.s, self.k, self.loss_prev = self.s0, 1, None
+        self.loss_sum, self.loss_count = 0.0, 0
         self.W_prev = {n: w.clone() for n, w in self._constrained_weights().items()}
         self.Z_prev = {n: z.clone() for n, z in self.Z.items()}
 
