@@ -158,7 +158,7 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
                                {r["layer"]: r["sparsity"] for r in rows}, parts.datamodule, step)
     verdict = collapse.check(parts.net, prunable, example, accuracy["test_acc"], parts.datamodule.num_classes)
     metrics = rounded(metrics)
-    run.finish(metrics, verdict.tags(), step)
+    run.finish(metrics, verdict, step)
     return metrics, verdict.warning
 
 

@@ -16,6 +16,7 @@ from prunelab.distributed import Ranks
 from prunelab.measure import LATENCY_FILE
 from prunelab.models.architecture import log_description
 from prunelab.tracking import model_log, resume, ui
+from prunelab.tracking.collapse import Collapse
 from prunelab.tracking.lifecycle import deferred_signals, interrupted, reconcile
 from prunelab.tracking.record import rounded, run_params
 from prunelab.tracking.store import RunLogger, open_experiment
@@ -143,9 +144,10 @@ class RunSession:
             model_log.log_datasets(self.cfg.names.data, datamodule, OmegaConf.to_container(self.cfg.data, resolve=True))
             mlflow.log_metrics(rounded({f"layer_sparsity/{k}": v for k, v in layer_sparsity.items()}), step=step)
 
-    def finish(self, metrics: dict[str, float], tags: dict[str, str], step: int) -> None:
-        """Final metrics at the run's last training step (the dense accuracy also at step 0) and the verdict tags."""
+    def finish(self, metrics: dict[str, float], verdict: Collapse, step: int) -> None:
+        """Final metrics at the run's last training step (the dense accuracy also at step 0), the collapse verdict's
+        tags and the one-line result as the run's description."""
         with deferred_signals():
-            mlflow.set_tags(tags)
+            mlflow.set_tags({**verdict.tags(), ui.DESCRIPTION_TAG: ui.run_description(metrics, verdict)})
             mlflow.log_metric("test_acc", metrics["dense_test_acc"], step=0)  # the model before pruning
             mlflow.log_metrics(metrics, step=step)  # final values at the last training step
