@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv train test test-slow sweep report regress ui bench docs docs-serve clean
+.PHONY: help venv train test test-slow lint format sweep report regress ui bench docs docs-serve clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,14 @@ test: $(STAMP) ## run the tests (without the slow ones)
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
+
+lint: $(STAMP) ## ruff: lint and format checks, changing nothing (rules: pyproject.toml [tool.ruff])
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## ruff: fix what the lint rules can fix, then format every file
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 sweep: $(STAMP) ## the default sweep: every method × ratios 2–64 × mnist5k, digits; report on the parent run
 	$(PY) -m prunelab.train sweep=default $(ARGS)
