@@ -8,7 +8,8 @@ World size 1 runs ``data.batch_size=B``; world size 2 runs ``trainer=ddp`` with 
 so both take the same optimizer steps over the same global batches (the DDP sampler deals the data differently, so
 the runs are not bit-identical). Each run is the real CLI with the default budget, its dense baseline trained with
 the same world size, recorded in a private PRUNELAB_ROOT (default ``outputs/bench_ddp``). Prints test accuracy mean ±
-std, compression and wall time per method and world size, and whether the two-process mean is within 2 × the seed
+std, compression and the runs' recorded wall time (MLflow start to end; the first method of each seed and world size
+also trains the dense baseline) per method and world size, and whether the two-process mean is within 2 × the seed
 std of the one-process mean (``ok``), the bar the DDP issue set.
 """
 
@@ -46,11 +47,20 @@ def run(method: str, seed: int, world: int, args, root: Path) -> float:
     return time.perf_counter() - start
 
 
+def finished(root: Path) -> set[str]:
+    """Names of the runs already FINISHED in ``root``'s store (none when it does not exist yet)."""
+    if not (root / "outputs" / "mlflow.db").exists():
+        return set()
+    mlflow.set_tracking_uri(f"sqlite:///{root}/outputs/mlflow.db")
+    return {r.info.run_name for r in mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
+                                                         filter_string="attributes.status = 'FINISHED'")}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def report(root: Path, methods: list[str], seeds: list[int], walls: dict) -> None:
+def report(root: Path, methods: list[str], seeds: list[int]) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{root}/outputs/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
                               filter_string="attributes.status = 'FINISHED'")
@@ -65,7 +75,7 @@ def report(root: Path, methods: list[str], seeds: list[int], walls: dict) -> Non
             found = [r for r in found if r is not None]
             accs[world] = [r.data.metrics["test_acc"] for r in found]
             comps[world] = [r.data.metrics["compression"] for r in found]
-            wall[world] = [walls.get((method, world, s)) for s in seeds if (method, world, s) in walls]
+            wall[world] = [(r.info.end_time - r.info.start_time) / 1e3 for r in found]
         if not accs[1] or not accs[2]:
             print(f"| {method} | {len(accs[1])} runs | {len(accs[2])} runs | — | | |")
             continue
@@ -87,18 +97,20 @@ def main() -> None:
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "bench_ddp")
     parser.add_argument("--report", action="store_true", help="print the table from the runs already recorded")
+    parser.add_argument("--again", action="store_true", help="run again the runs already recorded (default: skip)")
     args = parser.parse_args()
-    walls = {}
     if not args.report:
+        done = set() if args.again else finished(args.root)
         for seed in args.seeds:
             for method in args.methods:
                 for world in (1, 2):
-                    walls[(method, world, seed)] = run(method, seed, world, args, args.root)
-                    print(f"  {method} world {world} seed {seed}: {walls[(method, world, seed)]:.0f} s",
-                          file=sys.stderr)
+                    if f"{method}-w{world}-s{seed}" in done:
+                        continue
+                    seconds = run(method, seed, world, args, args.root)
+                    print(f"  {method} world {world} seed {seed}: {seconds:.0f} s", file=sys.stderr)
     print(f"{args.data}/{args.model} at {args.ratio:g}x, global batch {args.batch_size}, seeds "
           f"{' '.join(map(str, args.seeds))}, accelerator {args.accelerator}, {time.strftime('%Y-%m-%d')}")
-    report(args.root, args.methods, args.seeds, walls)
+    report(args.root, args.methods, args.seeds)
 
 
 if __name__ == "__main__":
