@@ -3,12 +3,13 @@
 import pytest
 from omegaconf import OmegaConf
 
-from prunelab.budget import finetune_epochs
+from prunelab.budget import extreme_factor, finetune_epochs
 
 
-def _cfg(epochs="auto", compression=8.0, per_doubling=200, min_epochs=6):
+def _cfg(epochs="auto", compression=8.0, per_doubling=200, min_epochs=6, quantize=None, **finetune):
     return OmegaConf.create({"finetune": {"epochs": epochs, "steps_per_doubling": per_doubling,
-                                          "min_epochs": min_epochs}, "pruning": {"compression": compression}})
+                                          "min_epochs": min_epochs, **finetune},
+                             "pruning": {"compression": compression, "quantize": quantize}})
 
 
 @pytest.mark.parametrize("compression, batches, expected", [
@@ -20,6 +21,29 @@ def _cfg(epochs="auto", compression=8.0, per_doubling=200, min_epochs=6):
 ])
 def test_auto_budget_in_steps(compression, batches, expected):
     assert finetune_epochs(_cfg(compression=compression), batches) == expected
+
+
+@pytest.mark.parametrize("compression, batches, expected", [
+    (128, 57, 25),    # 1400 steps: the rule as below 128×
+    (256, 57, 57),    # 2 × 1600 steps
+    (1000, 57, 70),   # 2 × 1993 steps
+    (181.02, 57, 40),  # halfway (in log2) from 128× to 256×: 1.5 × 1500 steps
+])
+def test_extreme_ratios_get_up_to_twice_the_steps(compression, batches, expected):
+    assert finetune_epochs(_cfg(compression=compression), batches) == expected
+
+
+def test_extreme_factor_is_continuous_and_can_be_turned_off():
+    assert extreme_factor(128) == 1.0 and extreme_factor(256) == 2.0 and extreme_factor(4096) == 2.0
+    assert extreme_factor(128 * 2 ** 0.5) == pytest.approx(1.5)
+    assert finetune_epochs(_cfg(compression=1000, extreme_factor=1), 57) == 35  # the plain rule
+    assert finetune_epochs(_cfg(compression=1000, extreme_from=512), 57) == 69  # 0.97 of the ramp: ×1.97
+
+
+def test_quantization_phase_comes_on_top():
+    """The pruning keeps its steps; the quantization phase takes its share (default 1/4) of the whole."""
+    assert finetune_epochs(_cfg(compression=64, quantize={"bits": 3}), 57) == 29  # 1200 / 0.75 = 1600 steps
+    assert finetune_epochs(_cfg(compression=64, quantize={"bits": 3, "share": 0.5}), 57) == 43  # 2400 steps
 
 
 def test_explicit_epochs_win():

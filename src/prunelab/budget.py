@@ -4,8 +4,13 @@ A pruned network recovers in optimizer steps, not epochs, and the further it is 
 et al. 2015 retrain longer at higher ratios; Zhu & Gupta 2017 spread the prune phase over many steps). With a fixed
 epoch count a small dataset gets too few steps (8×8 digits: 20 steps an epoch) and a high ratio too little recovery
 (`bench/robustness.py` shows both). ``finetune.epochs: auto`` gives ``steps_per_doubling × log2(compression)``
-steps, at least ``min_epochs`` epochs. ADMM-NN's quantization phase (``pruning.quantize``) comes on top: the
-pruning keeps the steps it would have unquantized, and the quantization phase takes its ``share`` of the whole.
+steps, at least ``min_epochs`` epochs.
+
+Extreme ratios need more than the rule gives (docs/benchmarks.md, "Headline ratios"): past ``extreme_from`` (128×)
+the steps are multiplied by a factor rising linearly in log2 of the ratio to ``extreme_factor`` (2) at twice that
+ratio (256×) and staying there; ``+finetune.extreme_factor=1`` turns it off. ADMM-NN's quantization phase
+(``pruning.quantize``) comes on top: the pruning keeps the steps it would have unquantized, and the quantization phase
+takes its ``share`` of the whole.
 """
 
 from __future__ import annotations
@@ -17,11 +22,21 @@ from omegaconf import DictConfig, open_dict
 from prunelab.pruning.quantize import SHARE
 
 AUTO = "auto"
+EXTREME_FROM, EXTREME_FACTOR = 128.0, 2.0
+
+
+def extreme_factor(compression: float, start: float = EXTREME_FROM, factor: float = EXTREME_FACTOR) -> float:
+    """1 up to ``start``, rising linearly in log2 of the ratio to ``factor`` at ``2·start``, ``factor`` beyond."""
+    ramp = min(max(math.log2(max(compression, 1.0) / start), 0.0), 1.0)
+    return 1.0 + (factor - 1.0) * ramp
 
 
 def prune_steps(cfg: DictConfig) -> float:
     """Optimizer steps the pruning itself gets at ``finetune.epochs: auto``."""
-    return cfg.finetune.steps_per_doubling * math.log2(max(float(cfg.pruning.compression), 1.0))
+    compression = max(float(cfg.pruning.compression), 1.0)
+    factor = extreme_factor(compression, float(cfg.finetune.get("extreme_from", EXTREME_FROM)),
+                            float(cfg.finetune.get("extreme_factor", EXTREME_FACTOR)))
+    return cfg.finetune.steps_per_doubling * math.log2(compression) * factor
 
 
 def finetune_epochs(cfg: DictConfig, train_batches: int) -> int:

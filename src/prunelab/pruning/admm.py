@@ -87,11 +87,13 @@ class ADMMPruning(PruningCallback):
             :meth:`PruningCallback.restart_training`) or ``continue`` (optimizer state and schedule go on).
         quantize: ``None`` or ``{bits: int | {layer: int}}`` or ``{levels_per_side: int | {layer: int}}``, with an
             optional ``share`` of the fit for the quantization phase (default 0.25).
-        progressive: ``None`` (one stage), ``"auto"`` (geometric steps of ratio at most ``progressive_max_step``,
-            :func:`prunelab.pruning.schedules.progressive_ratios`) or a list of increasing ratios ending at (or
+        progressive: ``"auto"`` (default: geometric steps of ratio at most ``progressive_max_step``,
+            :func:`prunelab.pruning.schedules.progressive_ratios`; one stage up to that ratio), ``None`` (one stage,
+            the paper's one-shot ADMM) or a list of increasing ratios ending at (or
             below, then the target is appended) ``compression``. The stages share the prune part of the fit in
             proportion to log2 of their ratios.
-        progressive_max_step: the largest ratio between two steps of ``progressive="auto"``.
+        progressive_max_step: the largest ratio between two steps of ``progressive="auto"`` (64: one-shot ADMM
+            holds to 64× on every cell of ``bench/robustness.py``; beyond, it fell off, docs/methods/admm.md).
         eval_after_hard_prune: validation accuracy right after every hard event (``<method>/acc_after_hard_prune``).
         **kwargs: granularity, scope, layers, exclude, layer_sparsity, min_keep (see :class:`PruningCallback`).
     """
@@ -101,7 +103,7 @@ class ADMMPruning(PruningCallback):
     def __init__(self, compression: float, rho: float = 1e-3, rho_growth: float | str = AUTO_GROWTH,
                  rho_max: float | None = 0.3,
                  update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
-                 retrain: str = "restart", quantize=None, progressive=None, progressive_max_step: float = 32.0,
+                 retrain: str = "restart", quantize=None, progressive="auto", progressive_max_step: float = 64.0,
                  eval_after_hard_prune: bool = True, **kwargs) -> None:
         check_known("ADMM", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)

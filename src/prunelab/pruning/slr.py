@@ -67,7 +67,7 @@ class SLRPruning(ADMMPruning):
     def __init__(self, compression: float, rho: float = 1e-2, initial_s: float = 1e-2, M: float = 300.0,
                  r: float = 0.1, update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
                  retrain: str = "restart", eval_after_hard_prune: bool = True, rho_growth: float | str = AUTO_GROWTH,
-                 rho_max: float | None = 0.3, progressive=None, progressive_max_step: float = 32.0,
+                 rho_max: float | None = 0.3, progressive="auto", progressive_max_step: float = 64.0,
                  **kwargs) -> None:
         check_known("SLR", kwargs, BASE_OPTIONS)
         super().__init__(compression, rho=rho, rho_growth=rho_growth, rho_max=rho_max, update_every=update_every,
