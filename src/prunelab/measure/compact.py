@@ -163,21 +163,24 @@ def check_equivalence(masked: nn.Module, compacted: nn.Module, x: torch.Tensor, 
 
 
 def compact(
-    net: nn.Module, example_input: torch.Tensor, atol: float = 1e-4, batch: int = 8, seed: int = 0
+    net: nn.Module, example_input: torch.Tensor, atol: float = 1e-4, batch: int = 8, seed: int = 0,
+    inplace: bool = False, check: bool = True,
 ) -> CompactResult:
     """Copy of ``net`` with every removable structured zero taken out, checked against ``net``.
 
     Args:
-        net: the masked network (left untouched).
+        net: the masked network (left untouched unless ``inplace``).
         example_input: one input batch (only its shape, dtype and device are used beyond tracing).
         atol: tolerance on the max abs logit difference, relative to max(1, max|logit|).
         batch: size of the random batch used to read constants and check equivalence.
         seed: seed of that batch.
+        inplace: compact ``net`` itself (a throwaway copy: no second copy is made, and nothing is checked).
+        check: compare the result with ``net`` (``inplace`` cannot: ``net`` is the result).
 
     Raises:
         CompactionError: the compacted copy does not reproduce ``net``.
     """
-    model = copy.deepcopy(net).eval()
+    model = net.eval() if inplace else copy.deepcopy(net).eval()
     x = _random_batch(example_input, batch, seed)
     inputs, head = _layer_inputs(model, x)
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
@@ -196,5 +199,5 @@ def compact(
         folded += len(folds)
         graph.get_pruning_group(module, handler, idxs=idxs).prune()
         removed[names[module]] = len(idxs)
-    diff = check_equivalence(net, model, x, atol)
+    diff = check_equivalence(net, model, x, atol) if check and not inplace else float("nan")
     return CompactResult(model, diff, removed, folded)

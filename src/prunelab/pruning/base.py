@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from prunelab.pruning import groups, macs_target
-from prunelab.pruning.allocate import SCOPES, allocate, keep_floor
+from prunelab.pruning.allocate import SCOPES, UnreachableCompressionError, allocate, keep_floor
 from prunelab.pruning.checks import check_choice, check_compression, check_int, check_number, check_table_compression
 from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
 from prunelab.pruning.schedules import compression_to_sparsity
@@ -53,13 +53,16 @@ class PruningCallback(pl.Callback):
             ``channel`` and ``column``, the weights left once compaction removed the pruned channels and every
             weight that reads or feeds them (see :attr:`counts_compacted`).
         granularity: ``weight``, ``filter``, ``channel``, ``column`` or N:M such as ``2:4``.
-        scope: ``global`` (rank all layers together), ``layer`` (same ratio in every layer) or ``lamp`` (rank all
-            layers together by LAMP scores, scale-free across layers).
+        scope: ``global`` (rank all layers together), ``layer`` (same ratio in every layer), ``lamp`` (rank all
+            layers together by LAMP scores, scale-free across layers) or ``auto``: ``layer`` under ``target=macs``
+            (the uniform ratio of Torch-Pruning's default; global rankings starve layers there, docs/benchmarks.md),
+            else the method's own (:attr:`auto_scope`).
         layers: module names of the network to prune (default: every Conv2d and Linear).
         exclude: module names to keep dense.
         layer_sparsity: explicit fraction of zeros per layer name (allocates instead of ``compression``, which must
             agree with it within 2 %).
-        min_keep: groups every layer keeps, so no layer is emptied.
+        min_keep: groups every layer keeps, so no layer is emptied; ``auto``: 2 under ``target=macs`` (no layer
+            cut to one filter or channel unless asked), else 1.
         min_keep_fraction: share of its groups every layer keeps (not applied to an explicit ``layer_sparsity``).
         round_to: ``filter``/``channel``: kept groups per layer a multiple of this; ``auto`` = 8 when training on
             CUDA, off on the CPU; ``None`` off.
@@ -69,6 +72,7 @@ class PruningCallback(pl.Callback):
     """
 
     method = "base"
+    auto_scope = "lamp"  # what ``scope=auto`` (the configs' default) means under target=params
     changes_architecture = False
     # the ranking (:meth:`group_scores`) exists when training starts, so the compacted model's ratio can be calibrated
     # then; False for a method whose scores come from its own pass at its pruning event (it is calibrated there)
@@ -82,7 +86,7 @@ class PruningCallback(pl.Callback):
         layers: list[str] | None = None,
         exclude: list[str] | None = None,
         layer_sparsity: dict[str, float] | None = None,
-        min_keep: int = 1,
+        min_keep: int | str = "auto",
         min_keep_fraction: float = 0.0,
         round_to: int | str | None = None,
         target: str = "params",
@@ -90,9 +94,10 @@ class PruningCallback(pl.Callback):
         super().__init__()
         self.compression = check_compression(compression)
         self.granularity = groups.check_granularity(granularity)
-        if scope not in SCOPES:
-            raise ValueError(f"pruning.scope={scope!r} is not one of: {', '.join(SCOPES)}")
-        check_int("min_keep", min_keep)
+        if scope not in (*SCOPES, "auto"):
+            raise ValueError(f"pruning.scope={scope!r} is not one of: {', '.join(SCOPES)}, auto")
+        if min_keep != "auto":
+            check_int("min_keep", min_keep)
         self.min_keep_fraction = check_number("min_keep_fraction", min_keep_fraction, 0.0, 1.0, low_open=False,
                                               high_open=True)
         self.target = check_choice("target", target, macs_target.TARGETS)
@@ -102,7 +107,8 @@ class PruningCallback(pl.Callback):
         if self.target == "macs" and not structured:
             kinds = ", ".join(macs_target.MACS_GRANULARITIES)
             raise ValueError(f"pruning.target=macs needs a granularity that removes channels ({kinds}), not "
-                             f"pruning.granularity={granularity!r}: other zeros leave the layers' MACs as they are")
+                             f"pruning.granularity={granularity!r}: other zeros leave the layers' MACs as they are "
+                             "(add pruning.granularity=filter)")
         if round_to == "auto":
             self.round_to_auto = structured
             round_to = None
@@ -117,11 +123,11 @@ class PruningCallback(pl.Callback):
         for name, frac in (layer_sparsity or {}).items():
             if not 0.0 <= float(frac) < 1.0:
                 raise ValueError(f"pruning.layer_sparsity.{name}={frac!r} must be in [0, 1)")
-        self.scope = scope
+        self.scope = ("layer" if self.target == "macs" else self.auto_scope) if scope == "auto" else scope
         self.layers = list(layers) if layers is not None else None
         self.exclude = list(exclude or [])
         self.layer_sparsity = dict(layer_sparsity) if layer_sparsity else None
-        self.min_keep = min_keep
+        self.min_keep = (2 if self.target == "macs" else 1) if min_keep == "auto" else min_keep
         self.final_sparsity = compression_to_sparsity(self.compression)
         self.masks = MaskSet()
         self.layer_names: list[str] = []  # the pruned layers as bound, before any architecture change
@@ -129,6 +135,9 @@ class PruningCallback(pl.Callback):
         self.net: nn.Module | None = None
         self.example_input: torch.Tensor | None = None  # one input, to compact (counts_compacted)
         self.reached: float | None = None  # ratio on the compacted model reached by the last calibration
+        self.note: str | None = None  # why the ratio reached is not the one requested (the run's target_note tag)
+        self._planned: dict[str, float] | None = None  # target=macs: share of its groups each layer prunes
+        self.input_blocks: dict[str, int] | None = None  # target=macs, channel: macs_target.input_blocks
         self._calibrated = False
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
@@ -187,12 +196,19 @@ class PruningCallback(pl.Callback):
                 raise ValueError("pruning.target=macs needs an example input to count MACs")
             if self.layer_sparsity:
                 raise ValueError("pruning.target=macs searches the per-layer ratios itself: drop pruning.layer_sparsity")
+        table = self.layer_sparsity
         if self.counts_compacted and example_input is not None:
             self.example_input = example_input
-            if not self.layer_sparsity:
+            if self.target == "macs":  # reachable by some allocation? (the uniform path, then single groups)
+                plan = macs_target.plan_for(self, scores=zeros, scope="layer")
+                if not plan.met(self.compression):
+                    raise UnreachableCompressionError(macs_target.nearest_message(
+                        self.compression, self.target, plan.below, plan.above, self._floor_text()))
+                table = macs_target.fractions(self, plan.counts)
+            elif not self.layer_sparsity:
                 sparsity, _ = self.search(scores=zeros, steps=0)  # reachable at all?
         trial = allocate(weights, zeros, sparsity, self.granularity, self.scope, self.min_keep,
-                         self.layer_sparsity, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
+                         table, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
         if self.layer_sparsity:  # a table is a statement of the compression too: the two must agree
             implied = None
             if self.counts_compacted and self.example_input is not None:
@@ -211,7 +227,11 @@ class PruningCallback(pl.Callback):
         """Importance of every group (low = pruned first). Default: L2 norm, RMS-normalised for structured global
         ranking so that groups of different sizes compare."""
         norms = groups.group_norms(weight, self.granularity)
-        return norms / math.sqrt(groups.group_size(weight, self.granularity))
+        scores = norms / math.sqrt(groups.group_size(weight, self.granularity))
+        block = (self.input_blocks or {}).get(name)
+        if block:  # inputs fed by one channel of a flattened map rank (and go) together: their RMS
+            scores = scores.reshape(-1, block).square().mean(1).sqrt().repeat_interleave(block).view_as(scores)
+        return scores
 
     def allocation(self, sparsity: float, xs: dict[str, torch.Tensor] | None = None,
                    scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -249,10 +269,35 @@ class PruningCallback(pl.Callback):
         """MACs reduction reached by the last calibration (``target=macs``)."""
         return self.reached if self.target == "macs" else None
 
+    def _floor_text(self) -> str:
+        """What bounds the allocation, for the unreachable message."""
+        text = f"pruning.granularity={self.granularity} keeps at least pruning.min_keep={self.min_keep} groups"
+        if self.min_keep_fraction:
+            text += f" and pruning.min_keep_fraction={self.min_keep_fraction:g} of them"
+        if self.round_to:
+            text += f", a multiple of pruning.round_to={self.round_to},"
+        return text + " in every layer, and one group moves the ratio in steps this coarse"
+
     @torch.no_grad()
     def calibrate(self) -> None:
         """:attr:`counts_compacted`: set :attr:`final_sparsity` to the sparsity of the masks whose compacted model
-        meets :attr:`compression` in weights or MACs (:attr:`target`) on the current weights' ranking."""
+        meets :attr:`compression` in weights or MACs (:attr:`target`) on the current weights' ranking (``macs``:
+        the per-layer group counts of :func:`macs_target.plan_for`, kept for every later allocation)."""
+        if self.target == "macs":
+            plan = macs_target.plan_for(self)
+            if not plan.met(self.compression):  # the ranking's own path missed: the uniform one, as validated
+                uniform = macs_target.plan_for(self, scope="layer")
+                plan = uniform if abs(uniform.reached - self.compression) < abs(plan.reached - self.compression) \
+                    else plan
+            self._planned = macs_target.fractions(self, plan.counts)
+            self.final_sparsity, self.reached = self.allocation_sparsity(self.final_sparsity), plan.reached
+            self.note = None if plan.met(self.compression) else macs_target.nearest_message(
+                self.compression, self.target, plan.below, plan.above, "no allocation the search tried met it")
+            if self.note:
+                log.warning("%s: %s; pruning to %.3fx", self.method, self.note, plan.reached)
+            log.info("%s: %.2fx fewer MACs in the compacted model, groups pruned per layer %s", self.method,
+                     self.reached, plan.counts)
+            return
         self.final_sparsity, self.reached = self.search(min_sparsity=self.current_sparsity)
         log.info("%s: %.2fx fewer %s in the compacted model at mask sparsity %.4f", self.method, self.reached,
                  "MACs" if self.target == "macs" else "weights", self.final_sparsity)
@@ -296,12 +341,29 @@ class PruningCallback(pl.Callback):
         self.current_sparsity = sparsity
         log.debug("%s: pruned to sparsity %.4f (achieved %.4f)", self.method, sparsity, self.masks.sparsity())
 
+    def allocation_sparsity(self, sparsity: float) -> float:
+        """Fraction of the prunable weights the masks of :meth:`allocation` at ``sparsity`` zero."""
+        masks = self.allocation(sparsity)
+        total = sum(m.numel() for m in masks.values())
+        return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+
     @torch.no_grad()
     def prune_to_compression(self, compression: float, trainer: pl.Trainer | None = None) -> None:
         """Prune to an intermediate ratio of a schedule, counted as :attr:`compression` is (on the compacted model
         under :attr:`counts_compacted`); a ratio at or above :attr:`compression` prunes to the final target."""
         if compression >= self.compression:
             self.prune_to(self.final_sparsity, trainer)
+            return
+        if self.target == "macs":  # the groups per layer of this ratio, from what is pruned already
+            plan = macs_target.plan_for(self, compression=compression)
+            masks = allocate(self.weights(), self._scores(), 0.0, self.granularity, self.scope, self.min_keep,
+                             macs_target.fractions(self, plan.counts))
+            for name, mask in masks.items():
+                self.masks.set(name, mask)
+            self.masks.apply()
+            if trainer is not None:
+                self.masks.mask_optimizer_state(trainer.optimizers)
+            self.current_sparsity = self.masks.sparsity()
             return
         sparsity = compression_to_sparsity(compression)
         if self.counts_compacted and not self.layer_sparsity:
@@ -326,11 +388,18 @@ class PruningCallback(pl.Callback):
         return {n: int((~groups.group_mask_of(masks[n], self.granularity)).sum()) for n in sorted(self._eligible)}
 
     def _layer_targets(self, sparsity: float) -> dict[str, float] | None:
-        """Per-layer targets scaled to the current step of the schedule (explicit per-layer tables only)."""
-        if not self.layer_sparsity:
+        """Per-layer targets scaled to the current step of the schedule (an explicit per-layer table, or the one
+        ``target=macs`` planned)."""
+        table = self.layer_sparsity or self._planned
+        if not table:
             return None
-        scale = sparsity / self.final_sparsity
-        return {n: f * scale for n, f in self.layer_sparsity.items()}
+        scale = min(sparsity / self.final_sparsity, 1.0) if self.final_sparsity > 0 else 1.0
+        return {n: f * scale for n, f in table.items()}
+
+    def _scores(self) -> dict[str, torch.Tensor]:
+        """:meth:`group_scores` of every eligible layer on the current weights, in layer order."""
+        weights = self.weights()
+        return {n: self.group_scores(n, weights[n]) for n in weights if n in self._eligible}
 
     # ----------------------------------------------------------------- what a method implements
     def targets(self, trainer: pl.Trainer) -> dict[int, float]:
@@ -363,7 +432,10 @@ class PruningCallback(pl.Callback):
 
     @property
     def done(self) -> bool:
-        """Pruning is over: masks stay fixed from here (fine-tuning)."""
+        """Pruning is over: masks stay fixed from here (fine-tuning). ``target=macs``: once the final groups per
+        layer are planned (an intermediate ratio's masks may zero more weights than the final ones)."""
+        if self.target == "macs" and self._planned is None and not self.layer_sparsity:
+            return False
         return self.current_sparsity >= self.final_sparsity
 
     def finalize(self, trainer: pl.Trainer | None) -> None:
@@ -403,7 +475,7 @@ class PruningCallback(pl.Callback):
             self.round_to = ROUND_TO_AUTO if trainer.accelerator.__class__.__name__ == "CUDAAccelerator" else None
         self.bind(network_of(pl_module))
         datamodule = getattr(trainer, "datamodule", None)
-        if self.counts_compacted and self.example_input is None:
+        if (self.counts_compacted or self.target == "macs") and self.example_input is None:
             if datamodule is not None and hasattr(datamodule, "num_channels"):
                 shape = (1, datamodule.num_channels, datamodule.image_size, datamodule.image_size)
                 self.example_input = torch.zeros(shape)
@@ -413,11 +485,11 @@ class PruningCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.follow()
         self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
-        if self.counts_compacted:
+        if self.counts_compacted or self.target == "macs":
             self.example_input = self._example().to(pl_module.device)
-            if not self._calibrated and self.ranks_at_start and not self.layer_sparsity:  # once: a resume keeps it
-                self.calibrate()
-                self._calibrated = True
+        if self.counts_compacted and not self._calibrated and self.ranks_at_start and not self.layer_sparsity:
+            self.calibrate()  # once: a resume keeps it
+            self._calibrated = True
         self.start(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -449,6 +521,33 @@ class PruningCallback(pl.Callback):
             log.warning("%s: training ended before pruning was done; finishing it now (no fine-tuning after this)",
                         self.method)
             self.finalize(trainer)
+        if self.target == "macs" and self.example_input is not None and not self.changes_architecture:
+            self.check_reached()
+
+    @torch.no_grad()
+    def check_reached(self) -> None:
+        """``target=macs``: the MACs ratio of the final masks, compacted (a method that chose its own groups within
+        the planned counts may have removed other coupled channels than the plan), and :attr:`note` when it is off
+        by more than 2 %."""
+        masks = {n: self.masks.masks[n] for n in self.masks.modules}
+        example = self._example()
+        dense = macs_target.count_macs(self.net, example)
+        self.reached = dense / macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, "macs",
+                                                          list(masks))
+        if abs(self.reached - self.compression) / self.compression > macs_target.TOLERANCE and self.note is None:
+            self.note = (f"pruning.compression={self.compression:g} with pruning.target=macs: the final masks give "
+                         f"{self.reached:.3f}x (the groups the method chose are coupled differently from the plan's)")
+            log.warning("%s: %s", self.method, self.note)
+
+    def tags(self) -> dict[str, str]:
+        """MLflow tags of the run from the method: ``target_reached`` (``target=macs``: the MACs ratio of the
+        compacted model) and ``target_note`` when the ratio reached is not the one requested, with the reason."""
+        out = {}
+        if self.target == "macs" and self.reached is not None:
+            out["target_reached"] = f"{self.reached:.4g}"
+        if self.note:
+            out["target_note"] = self.note[:5000]
+        return out
 
     # ----------------------------------------------------------------- helpers for methods
     def restart_training(self, trainer: pl.Trainer) -> None:
@@ -510,6 +609,10 @@ class PruningCallback(pl.Callback):
             "current_sparsity": self.current_sparsity,
             "final_sparsity": self.final_sparsity,
             "calibrated": self._calibrated,
+            "planned": self._planned,
+            "input_blocks": self.input_blocks,
+            "reached": self.reached,
+            "note": self.note,
             "phase": self.phase,
             "tensors": {kind: {n: t.detach().cpu().clone() for n, t in d.items()}
                         for kind, d in self.layer_tensors().items()},
@@ -523,6 +626,9 @@ class PruningCallback(pl.Callback):
         self.current_sparsity = state_dict["current_sparsity"]
         self.final_sparsity = state_dict.get("final_sparsity", self.final_sparsity)
         self._calibrated = state_dict.get("calibrated", False)
+        self._planned = state_dict.get("planned")
+        self.input_blocks = state_dict.get("input_blocks")
+        self.reached, self.note = state_dict.get("reached"), state_dict.get("note")
         saved = state_dict.get("tensors", {})
         for kind, tensors in self.layer_tensors().items():
             tensors.clear()

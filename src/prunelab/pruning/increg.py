@@ -65,6 +65,7 @@ class IncRegPruning(PruningCallback):
     """
 
     method = "increg"
+    auto_scope = "layer"  # scope=auto under target=params
 
     def __init__(self, compression: float, lambda_max: float = 6.13, ramp: float = 0.05,
                  amplitude: float | None = None, u: float = 0.25, rank: str = "history",

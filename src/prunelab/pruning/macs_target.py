@@ -5,23 +5,34 @@ Removing a filter also removes every weight that reads its channel in the next l
 counted on the masks, filter pruning of LeNet-5 "at 8×" is 17× fewer weights once compacted, and 300× "at 32×"
 (bench/robustness.py). The MACs saved by a group depend on its layer's input size as well, so a ranking that meets a
 parameter ratio misses a MACs ratio (channel pruning of ResNet-20 at 4× fewer weights gives 1.5× fewer MACs). As
-Torch-Pruning's and NNI's FLOPs-budget pruners do, we keep the method's ranking and search the global threshold:
-bisection over the masks' parameter sparsity, each point measured exactly by compacting a masked copy
-(:func:`prunelab.measure.compact`) and counting its weights or MACs.
+Torch-Pruning's and NNI's FLOPs-budget pruners do, we keep the method's ranking and search its threshold, each point
+measured exactly by compacting a masked copy (:func:`prunelab.measure.compact`) and counting its weights or MACs:
+
+- ``target=params``: bisection over the masks' parameter sparsity (:func:`sparsity_for_target`);
+- ``target=macs``: a search over whole groups (:func:`plan_counts`). The allocation's order of removal is a *path*
+  of per-layer prune counts (:func:`removal_path`: by score for ``global``, LAMP score for ``lamp``, by the share of
+  the layer already pruned for ``layer``); the point of the path closest to the ratio is found by bisection over
+  the number of groups removed, then, where one group of the path jumps over the ±2 % band (a conv1 filter of
+  LeNet-5 carries ~9 % of its MACs), single groups are added or given back in any layer until the ratio is inside
+  it. Where no such point exists the error names the nearest ratios reached on either side.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from prunelab.measure import compact, count_macs
 from prunelab.measure.sparsity import layer_table
-from prunelab.pruning.allocate import UnreachableCompressionError
+from prunelab.pruning import groups
+from prunelab.pruning.allocate import UnreachableCompressionError, allocate, keep_floor, lamp_scores
 from prunelab.pruning.masks import Dependent
 
 log = logging.getLogger(__name__)
@@ -50,10 +61,16 @@ def compacted_cost(net: nn.Module, masks: dict[str, torch.Tensor], dependents: d
     """MACs (``target=macs``) or nonzero weights of ``layers`` (``params``; a compacted ``column`` mask keeps the
     zeros of columns whose channel still has a reader) of ``net`` with ``masks`` applied and every removable channel
     removed."""
-    compacted = compact(masked_copy(net, masks, dependents), example_input).net
+    compacted = compact(masked_copy(net, masks, dependents), example_input, inplace=True).net  # a throwaway copy
     if target == "macs":
         return count_macs(compacted, example_input)
     return sum(row["nonzero"] for row in layer_table(compacted, layers))
+
+
+@torch.no_grad()
+def compacted_macs(net: nn.Module, example_input: torch.Tensor) -> int:
+    """MACs of ``net`` once every removable structured zero is taken out (what ``macs_reduction`` counts)."""
+    return count_macs(compact(net, example_input).net, example_input)
 
 
 def sparsity_for_target(
@@ -104,3 +121,217 @@ def sparsity_for_target(
         log.warning("pruning.target=%s: the closest ratio of %s this ranking reaches is %.3fx (requested %gx): "
                     "single groups are coarse on this network", target, unit, reached, compression)
     return sparsity, reached
+
+
+TOLERANCE = 0.02  # |reached − requested| / requested that counts as meeting the ratio (the method contract's 2 %)
+REFINE_ROUNDS = 6  # single-group moves tried after the path's bisection, each over every layer
+
+
+def rungs(count: int, start: int, cap: int, round_to: int | None = None, block: int = 1) -> list[int]:
+    """Prune counts a layer of ``count`` groups may take, ascending, from ``start`` (already pruned) to ``cap``;
+    with ``round_to`` the kept count is a multiple of it (or the whole layer, as :func:`allocate.keep_floor`); with
+    ``block`` the groups go ``block`` at a time (:func:`input_blocks`)."""
+    if block > 1:
+        allowed = set(range(0, count + 1, block))
+    elif round_to and count > round_to:
+        allowed = {0, *(count - j * round_to for j in range(1, math.ceil(count / round_to)))}
+    else:
+        allowed = set(range(count + 1))
+    return [start, *sorted(k for k in allowed if start < k <= cap)]
+
+
+def removal_path(scores: dict[str, torch.Tensor], ladders: dict[str, list[int]], scope: str) -> list[tuple[str, int]]:
+    """The order in which the allocation removes groups: moves (layer, prune count after the move), each one rung of
+    the layer's ladder. ``global`` orders the moves by the mean score of the groups they remove, ``lamp`` by their
+    LAMP score (:func:`prunelab.pruning.allocate.lamp_scores`), ``layer`` by the share of the layer pruned after the
+    move (every layer at the same ratio, Torch-Pruning's default). Within a layer the lowest scores always go first."""
+    ranked = lamp_scores(scores) if scope == "lamp" else scores
+    moves = []
+    for i, (name, ladder) in enumerate(ladders.items()):
+        order = torch.sort(ranked[name].detach().flatten().double().cpu(), stable=True).values
+        for j in range(1, len(ladder)):
+            a, b = ladder[j - 1], ladder[j]
+            key = b / len(order) if scope == "layer" else float(order[a:b].mean())
+            moves.append((key, i, j, name, b))
+    moves.sort(key=lambda m: m[:3])
+    return [(name, k) for *_, name, k in moves]
+
+
+@dataclass
+class Plan:
+    """Groups to prune per layer, the ratio they give, and the nearest ratios met on either side of the request."""
+
+    counts: dict[str, int]
+    reached: float
+    below: float | None = None  # largest ratio < requested that the search met
+    above: float | None = None  # smallest ratio > requested that the search met
+    evaluated: int = 0
+    points: dict[tuple[int, ...], float] = field(default_factory=dict, repr=False)
+
+    def met(self, compression: float) -> bool:
+        return abs(self.reached - compression) / compression <= TOLERANCE
+
+
+def nearest_message(compression: float, target: str, below: float | None, above: float | None, why: str) -> str:
+    """The error for a ratio no allocation reaches within 2 %: the nearest ratios on either side, and why."""
+    unit = "MACs" if target == "macs" else "weights"
+    sides = [f"{below:.3g}× below" if below else "none below", f"{above:.3g}× above" if above else "none above"]
+    offer = " or ".join(f"{r:.3g}" for r in (below, above) if r)
+    return (f"pruning.compression={compression:g} with pruning.target={target} cannot be met within 2 %: {why}; the "
+            f"nearest ratios of {unit} reached are {sides[0]} and {sides[1]}"
+            + (f" (set pruning.compression={offer})" if offer else ""))
+
+
+def plan_counts(cost_of: Callable[[dict[str, int]], int], dense_cost: int, compression: float,
+                path: list[tuple[str, int]], start: dict[str, int], ladders: dict[str, list[int]],
+                refine: bool = True) -> Plan:
+    """The per-layer prune counts along ``path`` (from ``start``) whose compacted cost is closest to
+    ``dense_cost / compression``; where one move of the path steps over the ±2 % band, one layer at a time moves
+    off the path (:func:`_refine`) until the band is met or no move comes closer.
+
+    Args:
+        cost_of: prune counts per layer → cost (MACs or weights) of the compacted network (non-increasing).
+        dense_cost: cost of the dense network.
+        compression: requested dense cost / pruned cost.
+        path: :func:`removal_path`.
+        start: the counts already pruned (the path starts there and never goes below them).
+        ladders: the rungs of every layer (:func:`rungs`), for the moves off the path.
+        refine: move off the path where it misses the band.
+    """
+    plan = Plan(dict(start), 1.0)
+
+    def at(counts: dict[str, int]) -> float:
+        key = tuple(counts[n] for n in ladders)
+        if key not in plan.points:
+            plan.points[key] = dense_cost / max(cost_of(counts), 1)
+            plan.evaluated += 1
+        return plan.points[key]
+
+    prefix = [dict(start)]
+    for name, k in path:
+        prefix.append({**prefix[-1], name: k})
+    lo, hi = 0, len(path)
+    if at(prefix[hi]) >= compression:  # smallest m with ratio ≥ compression
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if at(prefix[mid]) >= compression:
+                hi = mid
+            else:
+                lo = mid + 1
+    best = min((prefix[m] for m in {max(hi - 1, 0), hi}), key=lambda c: abs(at(c) - compression))
+    if refine and abs(at(best) - compression) / compression > TOLERANCE:
+        best = _refine(best, compression, at, path, start, ladders)
+    ratios = list(plan.points.values())
+    plan.counts, plan.reached = best, at(best)
+    plan.below = max((r for r in ratios if r < compression), default=None)
+    plan.above = min((r for r in ratios if r > compression), default=None)
+    return plan
+
+
+def _refine(counts: dict[str, int], compression: float, at: Callable[[dict[str, int]], float],
+            path: list[tuple[str, int]], start: dict[str, int], ladders: dict[str, list[int]]) -> dict[str, int]:
+    """Moves of one layer from ``counts``, as far along its ladder as the ratio needs (forward when below it, back
+    towards ``start`` when above; bisection, the cost being monotone in each layer's count): the smallest such move
+    (share of the layer's ladder) that lands within 2 % wins, else the one that comes closest, for at most
+    :data:`REFINE_ROUNDS` moves. One layer can be the only way in: a channel of LeNet-5's conv2 goes only with all
+    25 of fc1's inputs that read it."""
+    rank = {}
+    for i, (name, _) in enumerate(path):
+        rank.setdefault(name, i)
+    off = lambda c: abs(at(c) - compression) / compression  # noqa: E731
+    for _ in range(REFINE_ROUNDS):
+        if off(counts) <= TOLERANCE:
+            break
+        forward = at(counts) < compression
+        options = []
+        for name in sorted(ladders, key=lambda n: rank.get(n, len(path))):
+            ladder = ladders[name]
+            if counts[name] not in ladder:
+                continue
+            j = ladder.index(counts[name])
+            steps = ladder[j + 1:] if forward else [k for k in reversed(ladder[:j]) if k >= start[name]]
+            if not steps:
+                continue
+            here = [{**counts, name: k} for k in steps]
+            lo, hi = 0, len(here) - 1  # the first step whose ratio is on the other side of the request
+            if (at(here[hi]) >= compression) == forward:
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if (at(here[mid]) >= compression) == forward:
+                        hi = mid
+                    else:
+                        lo = mid + 1
+            options += [here[i] for i in {max(hi - 1, 0), hi}]
+        moved = {id(c): sum(abs(c[n] - counts[n]) / max(len(ladders[n]), 2) for n in c) for c in options}
+        inside = min((c for c in options if off(c) <= TOLERANCE), key=lambda c: moved[id(c)], default=None)
+        if inside is not None:  # the smallest change of one layer that meets the ratio
+            return inside
+        closest = min(options, key=off, default=None)
+        if closest is None or off(closest) >= off(counts):
+            break
+        counts = closest
+    return counts
+
+
+@torch.no_grad()
+def input_blocks(net: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor) -> dict[str, int]:
+    """Linear layers that read a flattened feature map, with the number of their inputs that one channel of the map
+    feeds (LeNet-5's fc1: 25 of its 400): their ``channel`` groups go that many at a time, a whole channel of the map,
+    or pruning them saves no MACs upstream (Torch-Pruning's dependency graph maps the inputs to the channels)."""
+    linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+    if not linear:
+        return {}
+    model = copy.deepcopy(net).eval()
+    copies = {n: model.get_submodule(n) for n in linear}
+    with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    out = {}
+    for name, module in copies.items():
+        group = graph.get_pruning_group(module, tp.prune_linear_in_channels, idxs=[0])
+        block = max((len(idxs) for dep, idxs in group if dep.target.module is module), default=1)
+        if block > 1 and module.in_features % block == 0:
+            out[name] = block
+    return out
+
+
+def fractions(callback, counts: dict[str, int]) -> dict[str, float]:
+    """Prune counts per layer as the share of its groups (a ``layer_sparsity`` table the allocator meets exactly)."""
+    weights = callback.weights()
+    return {n: k / math.prod(groups.group_shape(weights[n], callback.granularity)) for n, k in counts.items()}
+
+
+@torch.no_grad()
+def plan_for(callback, compression: float | None = None, scores: dict[str, torch.Tensor] | None = None,
+             scope: str | None = None, refine: bool = True) -> Plan:
+    """:func:`plan_counts` for a bound :class:`~prunelab.pruning.base.PruningCallback`: its eligible layers, their
+    floors (``min_keep``, ``min_keep_fraction``, ``round_to``), the groups its masks prune already as the start, its
+    ranking (:meth:`group_scores`, or ``scores``) in its ``scope`` (or ``scope``), MACs of the model compacted on its
+    example input."""
+    example = callback._example()
+    weights = callback.weights()
+    if callback.granularity == "channel" and callback.input_blocks is None:
+        callback.input_blocks = input_blocks(callback.net, dict(callback.masks.modules), example)
+    blocks = callback.input_blocks or {}
+    if scores is None:
+        scores = callback._scores()
+    scores = {n: scores[n] for n in weights if n in scores}
+    names = list(weights)
+    ladders, start = {}, {}
+    for n, score in scores.items():
+        count = score.numel()
+        mask = callback.masks.masks.get(n)
+        start[n] = 0 if mask is None else int((~groups.group_mask_of(mask, callback.granularity).bool()).sum())
+        block = blocks.get(n, 1)
+        floor = block * keep_floor(count // block, callback.min_keep, callback.min_keep_fraction,
+                                   None if block > 1 else callback.round_to)
+        ladders[n] = rungs(count, start[n], max(count - floor, start[n]), callback.round_to, block)
+    path = removal_path(scores, ladders, scope or callback.scope)
+    table = lambda counts: {n: k / scores[n].numel() for n, k in counts.items()}  # noqa: E731
+
+    def cost_of(counts: dict[str, int]) -> int:
+        masks = allocate(weights, scores, 0.0, callback.granularity, "global", callback.min_keep, table(counts))
+        return compacted_cost(callback.net, masks, callback.masks.dependents, example, "macs", names)
+
+    dense = count_macs(callback.net, example)
+    return plan_counts(cost_of, dense, callback.compression if compression is None else compression, path, start,
+                       ladders, refine)

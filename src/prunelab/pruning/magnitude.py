@@ -28,6 +28,7 @@ class MagnitudePruning(PruningCallback):
     """
 
     method = "magnitude"
+    auto_scope = "global"  # scope=auto under target=params
 
     def __init__(
         self,

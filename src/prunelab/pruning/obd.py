@@ -38,7 +38,7 @@ from prunelab.pruning.checks import check_choice, check_int, check_known, check_
 
 CRITERIA = ("diagonal", "kron")
 OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "rounds", "prune_fraction", "layers", "exclude",
-           "min_keep", "min_keep_fraction")
+           "min_keep", "min_keep_fraction", "round_to", "target")
 
 
 class OBDPruning(PruningCallback):
@@ -54,8 +54,8 @@ class OBDPruning(PruningCallback):
             official ranking) or ``layer`` (one ratio for every layer).
         rounds: pruning rounds, each on fresh saliencies (1: one-shot at the first step).
         prune_fraction: share of the fit's steps over which the rounds are spread evenly.
-        **kwargs: layers, exclude, min_keep, min_keep_fraction (see :class:`PruningCallback`); granularity is
-            ``filter``.
+        **kwargs: layers, exclude, min_keep, min_keep_fraction, round_to, target (see :class:`PruningCallback`);
+            granularity is ``filter``.
     """
 
     method = "obd"

@@ -60,6 +60,7 @@ class SPPPruning(PruningCallback):
     """
 
     method = "spp"
+    auto_scope = "layer"  # scope=auto under target=params
 
     def __init__(self, compression: float, A: float | None = None, u: float = 0.25, prune_interval: int = 1,
                  prune_fraction: float = 0.5, mask_mode: str = "group", score_decay: float = 0.0,
