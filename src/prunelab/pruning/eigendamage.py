@@ -28,7 +28,7 @@ from torch import nn
 
 from prunelab.models.architecture import BottleneckLayer, replace
 from prunelab.pruning.allocate import UnreachableCompressionError
-from prunelab.pruning import kfac, kfe, schedules
+from prunelab.pruning import kfac, kfe, macs_target, schedules
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 from prunelab.pruning.masks import prunable_layers
@@ -39,14 +39,17 @@ log = logging.getLogger(__name__)
 MODES = ("one_pass", "iterative")
 SCOPES = ("global", "lamp")
 OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
-           "recalibrate_bn", "seed", "layers", "exclude")
+           "recalibrate_bn", "seed", "layers", "exclude", "target")
 
 
 class EigenDamagePruning(PruningCallback):
-    """EigenDamage to ``compression`` = dense weights of the prunable layers / their weights after replacement.
+    """EigenDamage to ``compression`` = dense weights of the prunable layers / their weights after replacement
+    (``target=params``), or dense MACs / MACs of the rebuilt network (``target=macs``).
 
     Args:
         compression: requested ratio, met within 2 % by searching the global threshold.
+        target: ``params`` or ``macs`` (what ``compression`` counts; with ``macs`` a layer is replaced where its
+            bottleneck has fewer MACs).
         mode: ``one_pass`` (one round at step 0, then fine-tuning) or ``iterative``.
         rounds: rounds of ``iterative`` (round r reaches compression^(r/rounds)).
         prune_fraction: share of the fit's steps over which ``iterative`` spreads its rounds.
@@ -70,7 +73,10 @@ class EigenDamagePruning(PruningCallback):
                  fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None,
                  scope: str = "lamp", **kwargs) -> None:
         check_known("EigenDamage", kwargs, OPTIONS)
+        target = kwargs.pop("target", "params")  # the core's check ties target=macs to filter/channel masks
         super().__init__(compression, scope=check_choice("scope", scope, SCOPES), **kwargs)
+        self.target = check_choice("target", target, macs_target.TARGETS)
+        self.dense_macs = 0  # target=macs: MACs of the network as built, on the example input
         self.mode = check_choice("mode", mode, MODES)
         self.rounds = check_int("rounds", rounds) if mode == "iterative" else 1
         self.prune_fraction = check_number("prune_fraction", prune_fraction, 0.0, 1.0)
@@ -112,11 +118,17 @@ class EigenDamagePruning(PruningCallback):
             if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
                 raise ValueError(f"EigenDamage cannot factor {name!r} (groups={m.groups}, padding_mode="
                                  f"{m.padding_mode!r}); leave it out with pruning.exclude=[{name}]")
+        if self.target == "macs":
+            if example_input is None:
+                raise ValueError("pruning.target=macs needs an example input to count MACs")
+            self.example_input = example_input
+            self.dense_macs = macs_target.count_macs(model, example_input)
         reachable = self._max_compression(modules)
         if self.compression > reachable * 1.02:
             raise UnreachableCompressionError(
                 f"pruning.compression={self.compression:g} is out of reach for EigenDamage on this model: at most "
-                f"{reachable:.2f}× with pruning.prune_ratio_limit={self.prune_ratio_limit:g} and {self.rounds} "
+                f"{reachable:.2f}×{' fewer MACs' if self.target == 'macs' else ''} with "
+                f"pruning.prune_ratio_limit={self.prune_ratio_limit:g} and {self.rounds} "
                 f"round(s) (outer widths do not change and the classifier {classifier!r} keeps its "
                 f"{kfe.weight_count(modules[classifier])} weights); raise prune_ratio_limit or use iterative rounds")
         return trial
@@ -124,18 +136,28 @@ class EigenDamagePruning(PruningCallback):
     def _max_compression(self, modules: dict[str, nn.Module]) -> float:
         """Compression with every round dropping as many directions as the cap allows (from the shapes alone)."""
         total = sum(kfe.weight_count(m) for n, m in modules.items() if n not in self.candidates)
+        where = {}
+        if self.target == "macs":
+            where = kfe.positions(self.net, {n: modules[n] for n in self.candidates}, self.example_input)
+            total = self.dense_macs - sum(kfe.layer_macs(modules[n], where[n]) for n in self.candidates)
         for name in self.candidates:
             m = modules[name]
             c, n, p, bias = m.weight.shape[1], m.weight.shape[0], m.weight[0, 0].numel(), m.bias is not None
             k_in, k_out, params, weights = c + bias, n, kfe.param_count(m), kfe.weight_count(m)
+            cost = kfe.layer_macs(m, where[name]) if where else weights
             for _ in range(self.rounds):
                 t_in = k_in - min(math.floor(self.prune_ratio_limit * k_in), k_in - 1)
                 t_out = k_out - min(math.floor(self.prune_ratio_limit * k_out), k_out - 1)
                 w = c * t_in + p * t_in * t_out + n * t_out
-                if w + bias * t_in < params:  # replaced only where that saves parameters
-                    k_in, k_out, params, weights = t_in, t_out, w + bias * t_in, w
-            total += weights
-        return self.dense_weights / total
+                if where:  # replaced where that saves MACs
+                    first, rest = where[name]
+                    macs = first * (c + bias) * t_in + rest * (p * t_in * t_out + n * t_out)
+                    if macs < cost:
+                        k_in, k_out, cost = t_in, t_out, macs
+                elif w + bias * t_in < params:  # replaced only where that saves parameters
+                    k_in, k_out, params, weights, cost = t_in, t_out, w + bias * t_in, w, w
+            total += cost
+        return (self.dense_macs if where else self.dense_weights) / total
 
     # ----------------------------------------------------------------- the core's method hooks
     def start(self, trainer: pl.Trainer) -> None:
@@ -186,12 +208,16 @@ class EigenDamagePruning(PruningCallback):
                                        generator=self.generator, precision=trainer.precision_plugin)
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
-        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self.scope == "lamp")
-        if final and abs(result.compression - target) / target > 0.02:
+        budget = self._macs_budget(net, layers) if self.target == "macs" else None
+        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self.scope == "lamp",
+                          budget)
+        missed = abs(result.compression - target) / target > macs_target.TOLERANCE
+        if final and missed and budget is None:
             raise RuntimeError(f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
                                f"{target:g} (prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")
-        for name, (keep_in, keep_out) in result.keep.items():
-            replace(net, name, kfe.build(kfes[name], keep_in, keep_out))
+        self._replace(net, kfes, result)
+        if budget is not None and final:
+            result = self._meet_compacted(net, kfes, fixed, budget, result, target)
         self._freeze_rotations(net)
         if trainer.optimizers:
             renew_optimizers(trainer)
@@ -201,6 +227,48 @@ class EigenDamagePruning(PruningCallback):
         log.info("eigendamage round %d: %d layers replaced, %d directions dropped, %.3f× (target %.3f×)",
                  self.rounds_done, len(result.keep), result.pruned_units, result.compression, target)
         return len(result.keep)
+
+    @staticmethod
+    def _replace(net: nn.Module, kfes: dict[str, kfe.LayerKFE], result: kfe.Plan) -> None:
+        """Every planned layer rebuilt as its plan says (the layer it had before the round where the plan keeps it)."""
+        for name, layer_kfe in kfes.items():
+            keep = result.keep.get(name)
+            replace(net, name, kfe.build(layer_kfe, *keep) if keep else layer_kfe.layer)
+
+    def _meet_compacted(self, net: nn.Module, kfes: dict[str, kfe.LayerKFE], fixed: int, budget: kfe.MacsBudget,
+                        result: kfe.Plan, target: float) -> kfe.Plan:
+        """``target=macs``: the ratio is the compacted network's (compaction also drops the channels that feed only
+        the rotations' dead inputs), so the plan's target is rescaled by requested / reached and the layers rebuilt
+        again while that brings it closer (three times at most); :attr:`note` says when it stays off by > 2 %."""
+        aim, best = target, None
+        for _ in range(3):
+            reached = self.dense_macs / macs_target.compacted_macs(net, self._example())
+            if best is None or abs(reached - target) < abs(best[0] - target):
+                best = (reached, result)
+            if abs(reached - target) / target <= macs_target.TOLERANCE:
+                break
+            aim *= target / reached
+            result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self.scope == "lamp",
+                              budget)
+            self._replace(net, kfes, result)
+        self.reached, result = best
+        if result is not None:
+            self._replace(net, kfes, result)
+        if abs(self.reached - target) / target > macs_target.TOLERANCE:
+            self.note = (f"pruning.compression={target:g} with pruning.target=macs: EigenDamage reached "
+                         f"{self.reached:.3f}x (one direction of a small layer moves the MACs by more than 2 %, or "
+                         f"prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")
+            log.warning("eigendamage: %s", self.note)
+        return result
+
+    def _macs_budget(self, net: nn.Module, layers: dict[str, nn.Module]) -> kfe.MacsBudget:
+        """The MACs of the network now, split into the layers to plan and the rest, on the example input."""
+        example = self._example()
+        if not self.dense_macs:
+            self.dense_macs = macs_target.count_macs(net, example)
+        where = kfe.positions(net, layers, example)
+        fixed = macs_target.count_macs(net, example) - sum(kfe.layer_macs(layers[n], where[n]) for n in layers)
+        return kfe.MacsBudget(self.dense_macs, fixed, where)
 
     def _freeze_rotations(self, net: nn.Module) -> None:
         for m in net.modules():
@@ -217,15 +285,16 @@ class EigenDamagePruning(PruningCallback):
 
     # ----------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:
-        return {"rounds_done": self.rounds_done, "achieved": self.achieved,
+        return {"rounds_done": self.rounds_done, "achieved": self.achieved, "dense_macs": self.dense_macs,
                 "generator": None if self.generator is None else self.generator.get_state()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rounds_done, self.achieved = state["rounds_done"], state["achieved"]
+        self.dense_macs = state.get("dense_macs", 0)
         if state["generator"] is not None:
             self.generator = torch.Generator()
             self.generator.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "granularity": "eigenbasis", "mode": self.mode,
+        return {**super().describe(), "granularity": "eigenbasis", "mode": self.mode, "target": self.target,
                 "prune_ratio_limit": self.prune_ratio_limit}

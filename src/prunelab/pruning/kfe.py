@@ -68,6 +68,55 @@ class LayerKFE:
         c, n, p, bias = self._sizes()
         return c * k_in + p * k_in * k_out + n * k_out + (k_in if bias else 0)
 
+    def bottleneck_macs(self, k_in: torch.Tensor, k_out: torch.Tensor, positions: tuple[int, int]) -> torch.Tensor:
+        """MACs of the bottleneck on one input, counted as Torch-Pruning counts them (a bias adds one per output):
+        ``rotate_in`` at ``positions[0]`` output positions, ``core`` and ``rotate_out`` at ``positions[1]``."""
+        c, n, p, bias = self._sizes()
+        first, rest = positions
+        return first * (c * k_in + (k_in if bias else 0)) + rest * (p * k_in * k_out + k_out * n)
+
+
+def layer_macs(layer: nn.Module, positions: tuple[int, int]) -> int:
+    """MACs of a Conv2d/Linear (``positions[1]``: its output positions) or of a bottleneck (``positions`` as in
+    :meth:`LayerKFE.bottleneck_macs`), counted as Torch-Pruning counts them."""
+    if isinstance(layer, BottleneckLayer):
+        return sum(layer_macs(stage, (0, pos)) for stage, pos in zip(
+            (layer.rotate_in, layer.core, layer.rotate_out), (positions[0], positions[1], positions[1])))
+    per_output = layer.weight[0].numel() + (layer.bias is not None)
+    return positions[1] * layer.weight.shape[0] * per_output
+
+
+@torch.no_grad()
+def positions(net: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """Per layer, the output positions (per input, per channel) of its bottleneck's ``rotate_in`` and of its
+    ``core``/``rotate_out``, read on ``example`` (1 for a Linear). A plain conv's ``rotate_in`` is 1×1 at the input's
+    size, padded by the conv's padding when it carries the bias (:func:`build`); a bottleneck keeps its stages'."""
+    seen: dict[nn.Module, tuple[torch.Size, torch.Size]] = {}
+    watched = [*layers.values(), *(m.rotate_in for m in layers.values() if isinstance(m, BottleneckLayer))]
+    def record(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:  # a hook that returns a value replaces out
+        seen.setdefault(mod, (args[0].shape, out.shape))
+
+    hooks = [m.register_forward_hook(record) for m in watched]
+    mode = net.training
+    try:
+        net.eval()
+        net(example)
+    finally:
+        net.train(mode)
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, layer in layers.items():
+        if isinstance(layer, nn.Linear) or (isinstance(layer, BottleneckLayer) and isinstance(layer.core, nn.Linear)):
+            out[name] = (1, 1)
+        elif isinstance(layer, BottleneckLayer):
+            out[name] = (seen[layer.rotate_in][1][2:].numel(), seen[layer][1][2:].numel())
+        else:
+            (h, w), (ph, pw) = seen[layer][0][2:], layer.padding
+            padded = layer.bias is not None and (ph or pw)
+            out[name] = ((h + 2 * ph) * (w + 2 * pw) if padded else h * w, seen[layer][1][2:].numel())
+    return out
+
 
 def layer_matrix(layer: nn.Module) -> torch.Tensor:
     """W̄ as (N, P, C [+1]): per kernel offset the N×C matrix, the bias appended as an input column to each."""
@@ -159,11 +208,22 @@ class Plan:
     pruned_units: int
 
 
+@dataclass
+class MacsBudget:
+    """``target=macs``: the dense network's MACs, the MACs now outside the layers being planned (everything but
+    their Conv2d/Linear stages, which EigenDamage leaves as they are), and each planned layer's positions."""
+
+    dense: int
+    fixed: int
+    positions: dict[str, tuple[int, int]]
+
+
 def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, target: float, limit: float,
-         normalize: bool = False) -> Plan:
+         normalize: bool = False, macs: MacsBudget | None = None) -> Plan:
     """Global threshold over every in/out direction of every layer, searched so that dense / after ≈ ``target``
     (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``; ``normalize``: rank LAMP scores of
-    each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones).
+    each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones; ``macs``:
+    the ratio is one of MACs, and a layer is replaced when its bottleneck has fewer MACs).
 
     The m lowest-scoring directions over all layers are dropped, but at most ⌊limit·n⌋ (and n − 1) of a layer side's
     n; a layer is replaced only when its bottleneck has fewer parameters than what it replaces. Every m is evaluated
@@ -183,14 +243,20 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
     kept = sizes - torch.minimum(onehot.cumsum(0), caps)  # (m + 1, sides): directions kept after dropping m
 
     def compression(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """dense / weights after, and which layers are replaced, for each row of kept counts ``k``."""
-        total = torch.full((len(k),), fixed_weights, dtype=torch.long)
+        """dense / cost after, and which layers are replaced, for each row of kept counts ``k``."""
+        total = torch.full((len(k),), macs.fixed if macs else fixed_weights, dtype=torch.long)
         replaced = []
         for i, name in enumerate(names):
             kfe, k_in, k_out = kfes[name], k[:, 2 * i], k[:, 2 * i + 1]
+            if macs:
+                now = layer_macs(kfe.layer, macs.positions[name])
+                after = kfe.bottleneck_macs(k_in, k_out, macs.positions[name])
+                replaced.append(after < now)
+                total += torch.where(replaced[-1], after, now)
+                continue
             replaced.append(kfe.bottleneck_params(k_in, k_out) < param_count(kfe.layer))
             total += torch.where(replaced[-1], kfe.bottleneck_weights(k_in, k_out), weight_count(kfe.layer, True))
-        return dense_weights / total.double(), torch.stack(replaced, 1)
+        return (macs.dense if macs else dense_weights) / total.double(), torch.stack(replaced, 1)
 
     ratio = compression(kept)[0]
     m = int(torch.argmin((ratio - target).abs()))
