@@ -4,6 +4,9 @@ A run has collapsed when any of these holds:
 
 - its test accuracy is near chance: below chance + ``CHANCE_MARGIN`` of the range from chance to 100 % (10 classes:
   chance 10 %, collapsed below 19 %; 100 classes: chance 1 %, collapsed below 10.9 %);
+- its test accuracy is far below its dense model's (when the dense accuracy is given): it kept less than
+  ``DENSE_SHARE`` of what the dense model scores above chance, i.e. below chance + 0.75 · (dense − chance) (10 classes,
+  dense 95.6 %: collapsed below 74.2 %, a drop of more than 21.4 points; 100 classes, dense 70 %: below 52.75 %);
 - a prunable layer has no nonzero weight left;
 - its output does not depend on its input (no path from input to output): random inputs give identical logits.
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 CHANCE_MARGIN = 0.1
+DENSE_SHARE = 0.75  # share of the dense model's accuracy above chance a pruned model must keep
 TAG = "collapsed"
 REASON_TAG = "collapse_reason"
 
@@ -50,6 +54,27 @@ def chance_limit(num_classes: int) -> float:
     return chance + CHANCE_MARGIN * (100.0 - chance)
 
 
+def dense_limit(dense_acc: float, num_classes: int) -> float:
+    """Test accuracy (%) below which a run counts as collapsed against a dense model of ``dense_acc`` (%)."""
+    chance = 100.0 / num_classes
+    return chance + DENSE_SHARE * (dense_acc - chance)
+
+
+def starved(net: nn.Module, prunable: Iterable[str]) -> list[str]:
+    """Conv2d/Linear layers left one live filter or one live input (of more), e.g. ``fc1 keeps 1 of 400 inputs``."""
+    modules = dict(net.named_modules())
+    out = []
+    for name in prunable:
+        layer = modules[name]
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        w = layer.weight.detach()
+        live = (("filters", int(w.flatten(1).ne(0).any(1).sum()), w.shape[0]),
+                ("inputs", int(w.transpose(0, 1).flatten(1).ne(0).any(1).sum()), w.shape[1]))
+        out += [f"{name} keeps {n} of {total} {kind}" for kind, n, total in live if n == 1 < total]
+    return out
+
+
 @torch.no_grad()
 def depends_on_input(net: nn.Module, example_input: torch.Tensor, samples: int = 8) -> bool:
     """Whether ``net``'s logits change with its input (eval mode, seeded random inputs shaped like the example)."""
@@ -73,13 +98,23 @@ def _empty(layer: nn.Module) -> bool:
 
 
 def check(net: nn.Module, prunable: Iterable[str], example_input: torch.Tensor, test_acc: float,
-          num_classes: int) -> Collapse:
-    """Check a trained (pruned) network for collapse; ``test_acc`` in percent."""
+          num_classes: int, dense_acc: float | None = None) -> Collapse:
+    """Check a trained (pruned) network for collapse; ``test_acc`` and ``dense_acc`` (its dense model's test
+    accuracy, when known) in percent. A collapse on accuracy names the layers left one filter or one input."""
     reasons = []
+    prunable = list(prunable)
     limit = chance_limit(num_classes)
     if not test_acc >= limit:  # NaN counts as collapsed
         reasons.append(f"test accuracy {test_acc:.2f}% is near chance ({100.0 / num_classes:.1f}% for "
                        f"{num_classes} classes; collapse below {limit:.1f}%)")
+    elif dense_acc is not None and test_acc < dense_limit(dense_acc, num_classes):
+        reasons.append(f"test accuracy {test_acc:.2f}% is far below the dense model's {dense_acc:.2f}% (drop "
+                       f"{dense_acc - test_acc:.2f} points; collapse below {dense_limit(dense_acc, num_classes):.2f}%, "
+                       f"{DENSE_SHARE:.0%} of the dense accuracy above chance)")
+    if reasons:
+        thin = starved(net, prunable)
+        if thin:
+            reasons[-1] += f"; starved: {', '.join(thin)}"
     modules = dict(net.named_modules())
     empty = [name for name in prunable if _empty(modules[name])]
     if empty:

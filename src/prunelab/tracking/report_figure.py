@@ -274,8 +274,8 @@ CAPTION = ("Points: mean test accuracy over seeds (n in the legend; error bars Â
            "order of the requested ratio. Latency: the median over seeds of each run's median time, the horizontal "
            "bar its interquartile range over the timing blocks; not joined, since latency measured on a loaded "
            "machine is noisy. Dashed: the dense baseline. Open circles: the Pareto front of each panel. Crossed: "
-           "cells with a collapsed run (accuracy near chance or a network with no path from input to output), kept "
-           "off the front. Red crosses: failed runs, at their requested ratio.")
+           "cells with a collapsed run (accuracy near chance or far below the dense model's, or a network with no path "
+           "from input to output), kept off the front. Red crosses: failed runs, at their requested ratio.")
 BEST_CAPTION = ("Mean test accuracy over seeds; cells with a collapsed run left out. The margin is over the runner-up; "
                 "\"within noise\" when it is not larger than the two cells' standard deviations combined.")
 
