@@ -1,0 +1,217 @@
+"""``pruning.target=macs`` for every method that removes structure: the compacted (or rebuilt) network's MACs within
+2 % of the request on LeNet-5 (6-16-120-84) and ResNet-20, built from the shipped configs with tiny budgets (the
+ratio is checked, not accuracy); the unreachable message's nearest ratios; a reachability check over every allocation;
+an allocation that keeps every layer alive; collapse against the dense model."""
+
+import copy
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from prunelab.data import DigitsDataModule
+from prunelab.measure import count_macs
+from prunelab.models import LeNet5Classic, build_model
+from prunelab.models.architecture import replace
+from prunelab.models.classifier import Classifier
+from prunelab.pruning import MagnitudePruning, groups, kfe
+from prunelab.pruning.allocate import UnreachableCompressionError
+from prunelab.pruning.kfac import Factors
+from prunelab.pruning.macs_target import compacted_macs
+from prunelab.tracking import collapse
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "pruning"
+FAST = {"fisher_batches": 2}  # OBD and EigenDamage: Fisher passes over two batches
+# (config, overrides): every structured method at each of its granularities that remove channels
+METHODS = {
+    "magnitude-filter": ("magnitude", {"granularity": "filter"}),
+    "magnitude-channel": ("magnitude", {"granularity": "channel"}),
+    "admm-filter": ("admm", {"granularity": "filter"}),
+    "admm-channel": ("admm", {"granularity": "channel"}),
+    "slr-filter": ("slr", {"granularity": "filter"}),
+    "increg-filter": ("increg", {"granularity": "filter"}),
+    "spp-filter": ("spp", {"granularity": "filter"}),
+    "obd-diagonal": ("obd", FAST),
+    "obd-kron": ("obd", {"criterion": "kron", **FAST}),
+    "eigendamage": ("eigendamage", FAST),
+}
+
+
+def _pruning(name: str, compression: float = 4):
+    config, extra = METHODS[name]
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONF / f"{config}.yaml"), {"compression": compression, "target": "macs", **extra}
+    )
+    return instantiate(cfg)
+
+
+def _net(model: str) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(model, in_channels=1, image_size=8, num_classes=10)
+
+
+def _fit(net: nn.Module, pruning) -> None:
+    pl.seed_everything(0, workers=True)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[pruning],
+        num_sanity_val_steps=0,
+        limit_train_batches=4,
+        limit_val_batches=1,
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=partial(torch.optim.Adam, lr=1e-3)), datamodule=DigitsDataModule(batch_size=64)
+    )
+
+
+def _cases():
+    for model in ("lenet5_classic", "resnet20"):
+        for name in METHODS:
+            slow = model == "resnet20" or name.startswith(("obd", "eigendamage"))
+            yield pytest.param(model, name, marks=pytest.mark.slow if slow else ())
+
+
+@pytest.mark.parametrize("model, name", list(_cases()))
+def test_target_macs_4x_for_every_structured_method(model, name):
+    net, example = _net(model), torch.zeros(1, 1, 8, 8)
+    dense = count_macs(copy.deepcopy(net), example)
+    pruning = _pruning(name)
+    pruning.validate(net, example)
+    _fit(net, pruning)
+    reduction = dense / compacted_macs(net.eval(), example)  # what the run's macs_reduction counts
+    assert abs(reduction - 4) / 4 <= 0.02, (reduction, pruning.note)
+    assert pruning.macs_reduction == pytest.approx(reduction, rel=1e-6)
+    assert pruning.tags()["target_reached"] == f"{reduction:.4g}" and "target_note" not in pruning.tags()
+
+
+def _two_convs() -> nn.Module:
+    """Two filters in each conv: four ways to prune by filters, far apart in MACs."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 10)
+    )
+
+
+def _reachable(net: nn.Module, example: torch.Tensor) -> list[float]:
+    """MACs ratio of every allocation of filters (each conv keeps 1 or 2), by brute force."""
+    dense, out = count_macs(net, example), []
+    for keep1 in (1, 2):
+        for keep2 in (1, 2):
+            pruned = copy.deepcopy(net)
+            with torch.no_grad():
+                pruned[0].weight[keep1:] = 0
+                pruned[0].bias[keep1:] = 0
+                pruned[2].weight[keep2:] = 0
+                pruned[2].bias[keep2:] = 0
+            out.append(dense / compacted_macs(pruned, example))
+    return sorted(out)
+
+
+def test_unreachable_ratio_offers_the_nearest_on_either_side():
+    net, example = _two_convs(), torch.zeros(1, 1, 8, 8)
+    ratios = _reachable(net, example)
+    gap = next(i for i in range(len(ratios) - 1) if ratios[i + 1] / ratios[i] > 1.1)
+    wanted = (ratios[gap] * ratios[gap + 1]) ** 0.5  # between two reachable ratios, 2 % from neither
+    pruning = MagnitudePruning(compression=wanted, granularity="filter", target="macs", min_keep=1)
+    with pytest.raises(UnreachableCompressionError) as error:
+        pruning.validate(net, example)
+    below, above = f"{ratios[gap]:.3g}", f"{ratios[gap + 1]:.3g}"
+    assert f"nearest ratios of MACs reached are {below}× below and {above}× above" in str(error.value)
+    assert f"set pruning.compression={below} or {above}" in str(error.value)
+    beyond = MagnitudePruning(compression=ratios[-1] * 1.5, granularity="filter", target="macs", min_keep=1)
+    with pytest.raises(UnreachableCompressionError, match=f"{ratios[-1]:.3g}× below and none above"):
+        beyond.validate(net, example)
+
+
+def test_reachability_counts_every_allocation_not_one_ranking():
+    """One filter kept in each conv of LeNet-5 (6-16-120-84) gives ~12× fewer MACs; a global magnitude ranking reaches
+    only ~3× before it has emptied the fc layers (the ceiling the old check reported)."""
+    net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
+    pruning = MagnitudePruning(compression=12, granularity="filter", target="macs", scope="global", min_keep=1)
+    pruning.validate(net, example)  # no error
+    pruning.bind(net)
+    pruning.example_input = example
+    pruning.prune_to(pruning.final_sparsity)
+    assert abs(pruning.reached - 12) / 12 <= 0.02
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+def test_default_allocation_keeps_every_layer_alive_where_global_starves_one(granularity):
+    """At 4× fewer MACs the uniform ratio (scope=auto under target=macs) keeps ≥ 10 % of every layer; a global
+    magnitude ranking cuts the fc layers to a unit or two to reach the convolutions' MACs."""
+    torch.manual_seed(0)
+    net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
+    cfg = OmegaConf.merge(
+        OmegaConf.load(CONF / "magnitude.yaml"), {"compression": 4, "target": "macs", "granularity": granularity}
+    )
+    kept = {}
+    for scope in ("auto", "global"):
+        pruning = instantiate(OmegaConf.merge(cfg, {"scope": scope}))
+        pruning.bind(copy.deepcopy(net))
+        pruning.example_input = example
+        pruning.prune_to(pruning.final_sparsity)
+        assert abs(pruning.reached - 4) / 4 <= 0.02
+        masks = pruning.masks.masks
+        kept[scope] = {n: float(groups.group_mask_of(masks[n], granularity).float().mean()) for n in pruning._eligible}
+    assert min(kept["auto"].values()) >= 0.1, kept["auto"]
+    assert min(kept["global"].values()) < 0.05, kept["global"]
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.Linear(12, 7)]
+)
+def test_eigendamage_bottleneck_macs_are_what_the_rebuilt_network_counts(layer):
+    torch.manual_seed(0)
+    net = nn.Sequential(layer)
+    example = torch.zeros(1, 3, 6, 6) if isinstance(layer, nn.Conv2d) else torch.zeros(1, 12)
+    inputs = layer.weight.shape[1] + (layer.bias is not None)
+    psd = lambda n: (lambda a: a @ a.T / n)(torch.randn(n, n, dtype=torch.float64))  # noqa: E731
+    decomposed = kfe.decompose(layer, Factors(A=psd(inputs), G=psd(layer.weight.shape[0])))
+    where = kfe.positions(net, {"0": layer}, example)
+    assert kfe.layer_macs(layer, where["0"]) == count_macs(net, example)
+    rebuilt = copy.deepcopy(net)
+    replace(rebuilt, "0", kfe.build(decomposed, torch.arange(2), torch.arange(3)))
+    assert int(decomposed.bottleneck_macs(torch.tensor(2), torch.tensor(3), where["0"])) == count_macs(rebuilt, example)
+
+
+def test_a_starved_layer_and_a_large_drop_is_a_collapse_with_its_reason():
+    """The issue's run: magnitude channel pruning left fc1 one input of 400 and fc2 one of 120, 23.9 % against a dense
+    95.6 %: far above chance, but a collapse."""
+    torch.manual_seed(0)
+    example = torch.zeros(1, 1, 28, 28)
+    for column in range(0, 400, 7):  # one input of fc1 and one of fc2 left, on a path from input to output
+        net = LeNet5Classic()
+        with torch.no_grad():
+            net.fc1.weight[:, column + 1 :] = 0
+            net.fc1.weight[:, :column] = 0
+            net.fc2.weight[:, 1:] = 0
+        if collapse.depends_on_input(net, example):
+            break
+    layers = ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert not collapse.check(net, layers, example, test_acc=23.9, num_classes=10).collapsed  # above chance alone
+    verdict = collapse.check(net, layers, example, test_acc=23.9, num_classes=10, dense_acc=95.6)
+    reason = verdict.tags()["collapse_reason"]
+    assert verdict.collapsed and verdict.tags()["collapsed"] == "true"
+    assert (
+        "test accuracy 23.90% is far below the dense model's 95.60% (drop 71.70 points; collapse below 74.20%" in reason
+    )
+    assert "starved: fc1 keeps 1 of 400 inputs, fc2 keeps 1 of 120 inputs" in reason
+    assert collapse.dense_limit(95.6, 10) == pytest.approx(74.2)
+
+
+def test_a_small_drop_is_not_a_collapse():
+    net = LeNet5Classic()
+    verdict = collapse.check(
+        net, ["conv1", "fc1"], torch.zeros(1, 1, 28, 28), test_acc=80.0, num_classes=10, dense_acc=95.6
+    )
+    assert not verdict.collapsed
