@@ -1,4 +1,5 @@
-"""The pruning core's contract for methods: state follows the weights, transient masks, per-layer pruning, hooks."""
+"""The pruning core's hooks for methods: state follows the weights, transient masks, per-layer pruning, gradient terms,
+the loss each step. Every registered method's own contract is in test_core_contract.py."""
 
 from functools import partial
 
@@ -26,8 +27,8 @@ def _fit(net, pruning, epochs=2, callbacks=(), precision="32-true", optimizer=SG
 
 
 @pytest.mark.parametrize("make", [
-    lambda: MagnitudePruning(compression=8),
-    lambda: ADMMPruning(compression=8, update_every=3),
+    # every registered method at its defaults: test_core_contract.py; here ADMM-NN's quantization, whose Z/U cover
+    # every layer
     lambda: ADMMPruning(compression=8, update_every=3, quantize={"bits": 5}),
 ])
 def test_state_follows_a_model_converted_after_setup(make):
@@ -159,7 +160,7 @@ def test_checkpoint_state_follows_a_model_of_another_dtype(tmp_path):
     on a CPU): Z/U arrive as saved, then take the weights' dtype, and the masks are those of the checkpoint."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from callbacks import Killed, KillAt
+    from callbacks import KillAt, Killed
 
     kwargs = dict(compression=8, update_every=3, admm_fraction=0.8)
     torch.manual_seed(0)
