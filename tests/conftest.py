@@ -7,12 +7,20 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from prunelab.train import CONF_DIR
+
+# The tests' networks are tiny: one intra-op thread computes them as fast as several, without the threads spinning
+# against each other and against the other processes a test starts on a small machine. The CLI runs a test starts
+# inherit the setting, so that a run in a subprocess computes as one in the test's process does (a kill-and-resume
+# test compares their curves). OMP_NUM_THREADS set by hand wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # small, fast defaults for integration tests: 8×8 digits, LeNet-300-100, short schedules
 FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false",

@@ -39,6 +39,7 @@ def _masks(pruning):
     return {n: m.clone() for n, m in pruning.masks.masks.items()}
 
 
+@pytest.mark.slow  # the contract suite (test_core_contract.py) resumes every method in the default run
 def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
     kwargs = dict(compression=20, mode="gradual", frequency=2, prune_fraction=0.8)
     opt = OPTIMIZERS["sgd_momentum"]

@@ -112,6 +112,7 @@ def test_one_round_is_the_one_shot_prune_at_the_first_step():
     assert abs(achieved(pruning) - 4) / 4 < 0.02
 
 
+@pytest.mark.slow  # the contract suite (test_core_contract.py) resumes every method in the default run
 def test_resume_between_rounds_gives_identical_masks(tmp_path):
     kwargs = dict(compression=8, rounds=4, prune_fraction=0.8, fisher_batches=2)
     fresh = same_init(lambda: LeNet5(image_size=8))

@@ -124,6 +124,7 @@ def test_structured_granularities_reach_the_target(granularity):
     assert abs(achieved(pruning) - compression) / compression < 0.02 and pruning.done
 
 
+@pytest.mark.slow  # the contract suite (test_core_contract.py) resumes every method in the default run
 def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path):
     kwargs = dict(compression=20, update_every=4, admm_fraction=0.8)
     opt = OPTIMIZERS["sgd_momentum"]

@@ -1,4 +1,4 @@
-"""SPP: p by hand, exact counts, transient drops restored exactly, no regrowth, reproducible masks, resume, bad input."""
+"""SPP: p by hand, exact counts, transient drops restored, no regrowth, reproducible masks, resume, bad input."""
 
 import pytest
 import pytorch_lightning as pl
@@ -207,6 +207,7 @@ def test_masks_reproducible_from_the_saved_state():
     assert any(not k.all() for k in ahead[0].values())  # something is dropped
 
 
+@pytest.mark.slow  # the contract suite (test_core_contract.py) resumes every method in the default run
 def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
     kwargs = dict(compression=20, granularity="filter", A=0.08, prune_interval=1, score_decay=0.9)
     fresh = same_init(lambda: LeNet300(image_size=8))

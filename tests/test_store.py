@@ -48,6 +48,7 @@ def _client(uri: str) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_parallel_first_use_of_a_fresh_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     results = start_together(uri, tmp_path, 6)

@@ -76,7 +76,8 @@ def test_dependents_are_the_batchnorm_each_layer_feeds(name):
 # resnet20/global: filters of the residual stream (conv2, shortcut) are coupled across blocks, so a channel goes only
 # when every producer pruned it; mostly the blocks' inner channels go (≈1.26× measured; ≈2× with scope=layer).
 @pytest.mark.parametrize(("name", "scope", "min_reduction"),
-                         [("vgg16", "global", 1.2), ("resnet20", "global", 1.15), ("resnet20", "layer", 1.5)])
+                         [pytest.param("vgg16", "global", 1.2, marks=pytest.mark.slow), ("resnet20", "global", 1.15),
+                          ("resnet20", "layer", 1.5)])
 def test_filter_pruning_removes_channels_through_batchnorm(name, scope, min_reduction):
     net = _net(name)
     pruning = MagnitudePruning(compression=2, mode="one_shot", granularity="filter", scope=scope)

@@ -44,6 +44,7 @@ def test_two_by_two_sweep_has_one_parent_and_tagged_children(tmp_path):
     assert "| digits | lenet300 | magnitude | 4 |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_failing_job_is_failed_and_the_others_finish(tmp_path):
     _, parent, children = _sweep(tmp_path, "pruning.granularity=filter", "pruning.compression=2,1000,4")
     status = {c.data.params["compression_target"]: c.info.status for c in children}
@@ -104,6 +105,7 @@ def _count_metrics(run) -> dict:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["local_parallel", "ray_local"])
 def test_parallel_launchers_on_a_fresh_store_lose_nothing(tmp_path, launcher):
     proc, parent, children = _sweep(tmp_path, f"hydra/launcher={launcher}", "num_threads=1", "finetune.epochs=2",

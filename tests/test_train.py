@@ -134,6 +134,7 @@ def test_nan_loss_ends_the_run_failed_with_reason(make_cfg, tmp_path):
     assert "NonFiniteLossError" in run.data.tags["failure_reason"]
 
 
+@pytest.mark.slow  # the default run's test_sweep.py checks the sharing too, on its 2×2 sweep
 def test_multirun_sweep_shares_one_dense_baseline(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
