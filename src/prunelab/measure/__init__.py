@@ -138,6 +138,6 @@ def check_options(options: Mapping) -> None:
 
 
 __all__ = [
-    "LATENCY_FILE", "ONNX_FILE", "STORED_FILE", "CompactResult", "CompactionError", "check_options", "compact", "count_macs",
-    "format_table", "layer_table", "measure", "measure_latency", "sparsity_metrics",
+    "LATENCY_FILE", "ONNX_FILE", "STORED_FILE", "CompactResult", "CompactionError", "check_options", "compact",
+    "count_macs", "format_table", "layer_table", "measure", "measure_latency", "sparsity_metrics",
 ]
