@@ -104,17 +104,22 @@ def plan(trainer_cfg: DictConfig) -> Ranks:
     return Ranks()
 
 
+def world_size(trainer: object) -> int:
+    """Processes of ``trainer``'s fit: 1 without a trainer or for a stand-in that does not say."""
+    return int(getattr(trainer, "world_size", 1))
+
+
 def all_sum(trainer: pl.Trainer | None, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` summed, in place, over the ranks of ``trainer``'s fit (left as it is in a run of one process).
     Every rank must call it at the same point, with a tensor on the fit's device."""
-    if trainer is None or trainer.world_size == 1:
+    if world_size(trainer) == 1:
         return tensor
     return trainer.strategy.reduce(tensor, reduce_op="sum")
 
 
 def all_mean(trainer: pl.Trainer | None, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (floating point) averaged, in place, over the ranks of ``trainer``'s fit."""
-    if trainer is None or trainer.world_size == 1:
+    if world_size(trainer) == 1:
         return tensor
     return all_sum(trainer, tensor).div_(trainer.world_size)
 

@@ -31,7 +31,7 @@ from torch import nn
 from prunelab.pruning import groups, macs_target
 from prunelab.pruning.allocate import SCOPES, UnreachableCompressionError, allocate, keep_floor
 from prunelab.pruning.checks import check_choice, check_compression, check_int, check_number, check_table_compression
-from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers
+from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers, refuse_attention
 from prunelab.pruning.schedules import compression_to_sparsity
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,8 @@ class PruningCallback(pl.Callback):
         """
         if self.round_to_auto:
             self.round_to = ROUND_TO_AUTO if torch.cuda.is_available() else None
+        if self.counts_compacted:
+            refuse_attention(model, self.granularity)
         self.bind(model)
         weights = self.weights()
         zeros = {n: torch.zeros(groups.group_shape(weights[n], self.granularity)) for n in self._eligible}

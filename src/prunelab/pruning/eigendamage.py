@@ -113,11 +113,7 @@ class EigenDamagePruning(PruningCallback):
             raise ValueError(f"pruning.layers names the classifier {classifier!r}; EigenDamage never prunes it")
         trial = super().validate(model, example_input)  # binds once: candidates and dense weights are known from here on
         modules = prunable_layers(model, self.layers, self.exclude)
-        for name in self.candidates:
-            m = modules[name]
-            if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-                raise ValueError(f"EigenDamage cannot factor {name!r} (groups={m.groups}, padding_mode="
-                                 f"{m.padding_mode!r}); leave it out with pruning.exclude=[{name}]")
+        kfac.refuse_unfactorable("EigenDamage", model, {n: modules[n] for n in self.candidates})
         if self.target == "macs":
             if example_input is None:
                 raise ValueError("pruning.target=macs needs an example input to count MACs")

@@ -210,7 +210,7 @@ def backprop_pass(
 
 def _total(count: int, sums: dict[str, list[torch.Tensor]], trainer: pl.Trainer | None) -> int:
     """Sum ``sums`` (in place) and the example count over the ranks of ``trainer``'s fit; return the count."""
-    if trainer is None or trainer.world_size == 1:
+    if distributed.world_size(trainer) == 1:
         return count
     for name in sorted(sums):  # the same order on every rank
         for tensor in sums[name]:

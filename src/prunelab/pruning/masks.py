@@ -16,6 +16,17 @@ Dependent = tuple[nn.Module, str]  # (module, parameter name) of a 1-D parameter
 log = logging.getLogger(__name__)
 
 
+def refuse_attention(model: nn.Module, granularity: str) -> None:
+    """Raise a ValueError when ``model`` has an ``nn.MultiheadAttention``: a structured granularity compacts
+    through Torch-Pruning's dependency graph, which prunelab does not run through attention blocks (their heads and
+    the packed q/k/v projection)."""
+    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if attention:
+        raise ValueError(f"pruning.granularity={granularity} removes channels, which prunelab does not do through "
+                         f"nn.MultiheadAttention ({attention[0]!r}{' and others' if len(attention) > 1 else ''}): "
+                         "use pruning.granularity=weight (or N:M) on this network")
+
+
 def prunable_layers(
     model: nn.Module, layers: Iterable[str] | None = None, exclude: Iterable[str] = ()
 ) -> dict[str, nn.Module]:

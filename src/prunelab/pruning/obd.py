@@ -31,10 +31,12 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from prunelab.pruning import kfac, schedules
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
+from prunelab.pruning.masks import prunable_layers
 
 CRITERIA = ("diagonal", "kron")
 OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "rounds", "prune_fraction", "layers", "exclude",
@@ -79,6 +81,11 @@ class OBDPruning(PruningCallback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, criterion=self.criterion, compression=self.compression)
+
+    def validate(self, model: nn.Module, example_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Base checks, plus: a Fisher pass can read every layer to score."""
+        kfac.refuse_unfactorable("OBD", model, prunable_layers(model, self.layers, self.exclude))
+        return super().validate(model, example_input)
 
     def start(self, trainer: pl.Trainer) -> None:
         super().start(trainer)
