@@ -137,7 +137,8 @@ class PruningCallback(pl.Callback):
         self.reached: float | None = None  # ratio on the compacted model reached by the last calibration
         self.note: str | None = None  # why the ratio reached is not the one requested (the run's target_note tag)
         self._planned: dict[str, float] | None = None  # target=macs: share of its groups each layer prunes
-        self.input_blocks: dict[str, int] | None = None  # target=macs, channel: macs_target.input_blocks
+        self.input_blocks: dict[str, int] | None = None  # target=macs: macs_target.layer_structure
+        self.coupled: list[str] | None = None  # target=macs: layers left whole, macs_target.layer_structure
         self._calibrated = False
         self._eligible: set[str] = set()
         self._targets: dict[int, float] = {}
@@ -613,6 +614,7 @@ class PruningCallback(pl.Callback):
             "calibrated": self._calibrated,
             "planned": self._planned,
             "input_blocks": self.input_blocks,
+            "coupled": self.coupled,
             "reached": self.reached,
             "note": self.note,
             "phase": self.phase,
@@ -629,7 +631,7 @@ class PruningCallback(pl.Callback):
         self.final_sparsity = state_dict.get("final_sparsity", self.final_sparsity)
         self._calibrated = state_dict.get("calibrated", False)
         self._planned = state_dict.get("planned")
-        self.input_blocks = state_dict.get("input_blocks")
+        self.input_blocks, self.coupled = state_dict.get("input_blocks"), state_dict.get("coupled")
         self.reached, self.note = state_dict.get("reached"), state_dict.get("note")
         saved = state_dict.get("tensors", {})
         for kind, tensors in self.layer_tensors().items():

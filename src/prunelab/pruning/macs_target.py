@@ -130,7 +130,7 @@ REFINE_ROUNDS = 6  # single-group moves tried after the path's bisection, each o
 def rungs(count: int, start: int, cap: int, round_to: int | None = None, block: int = 1) -> list[int]:
     """Prune counts a layer of ``count`` groups may take, ascending, from ``start`` (already pruned) to ``cap``;
     with ``round_to`` the kept count is a multiple of it (or the whole layer, as :func:`allocate.keep_floor`); with
-    ``block`` the groups go ``block`` at a time (:func:`input_blocks`)."""
+    ``block`` the groups go ``block`` at a time (:func:`layer_structure`)."""
     if block > 1:
         allowed = set(range(0, count + 1, block))
     elif round_to and count > round_to:
@@ -274,24 +274,40 @@ def _refine(counts: dict[str, int], compression: float, at: Callable[[dict[str, 
 
 
 @torch.no_grad()
-def input_blocks(net: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor) -> dict[str, int]:
-    """Linear layers that read a flattened feature map, with the number of their inputs that one channel of the map
-    feeds (LeNet-5's fc1: 25 of its 400): their ``channel`` groups go that many at a time, a whole channel of the map,
-    or pruning them saves no MACs upstream (Torch-Pruning's dependency graph maps the inputs to the channels)."""
-    linear = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
-    if not linear:
-        return {}
+def layer_structure(net: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor,
+                    granularity: str) -> tuple[dict[str, int], list[str]]:
+    """What Torch-Pruning's dependency graph says about the channels of ``layers`` at ``granularity``:
+
+    - input blocks (``channel``): Linear layers that read a flattened feature map, with the number of their inputs
+      one channel of the map feeds (LeNet-5's fc1: 25 of its 400). Their ``channel`` groups go that many at a time,
+      a whole channel of the map, or pruning them saves no MACs upstream;
+    - coupled layers: a layer whose channels are shared with another layer's (residual additions: every producer of
+      the stream for ``filter``, every reader of it for ``channel``). Such a channel goes only when every layer of
+      the group drops it, which per-layer masks do not coordinate (Torch-Pruning prunes the group as one), so under
+      ``target=macs`` these layers are left whole: pruning them would cost accuracy and save no MACs.
+    """
     model = copy.deepcopy(net).eval()
-    copies = {n: model.get_submodule(n) for n in linear}
+    copies = {n: model.get_submodule(n) for n in layers}
     with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    out = {}
+    blocks, coupled = {}, []
     for name, module in copies.items():
-        group = graph.get_pruning_group(module, tp.prune_linear_in_channels, idxs=[0])
+        linear = isinstance(module, nn.Linear)
+        if granularity == "filter":
+            fn = tp.prune_linear_out_channels if linear else tp.prune_conv_out_channels
+        else:
+            fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
+        group = graph.get_pruning_group(module, fn, idxs=[0])
+        out = graph.is_out_channel_pruning_fn(fn)
+        sharing = {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+                   and graph.is_out_channel_pruning_fn(dep.handler) == out}
+        if len(sharing) > 1:
+            coupled.append(name)
         block = max((len(idxs) for dep, idxs in group if dep.target.module is module), default=1)
-        if block > 1 and module.in_features % block == 0:
-            out[name] = block
-    return out
+        if granularity == "channel" and linear and block > 1 and module.in_features % block == 0:
+            blocks[name] = block
+    log.debug("layer structure: input blocks %s, coupled %s", blocks, coupled)
+    return blocks, coupled
 
 
 def fractions(callback, counts: dict[str, int]) -> dict[str, float]:
@@ -309,8 +325,13 @@ def plan_for(callback, compression: float | None = None, scores: dict[str, torch
     example input."""
     example = callback._example()
     weights = callback.weights()
-    if callback.granularity == "channel" and callback.input_blocks is None:
-        callback.input_blocks = input_blocks(callback.net, dict(callback.masks.modules), example)
+    if callback.coupled is None:
+        callback.input_blocks, callback.coupled = layer_structure(
+            callback.net, {n: m for n, m in callback.masks.modules.items() if n in callback._eligible}, example,
+            callback.granularity)
+        if callback.coupled:
+            log.info("%s: target=macs leaves %s whole (channels shared through residual additions)", callback.method,
+                     ", ".join(callback.coupled))
     blocks = callback.input_blocks or {}
     if scores is None:
         scores = callback._scores()
@@ -324,7 +345,8 @@ def plan_for(callback, compression: float | None = None, scores: dict[str, torch
         block = blocks.get(n, 1)
         floor = block * keep_floor(count // block, callback.min_keep, callback.min_keep_fraction,
                                    None if block > 1 else callback.round_to)
-        ladders[n] = rungs(count, start[n], max(count - floor, start[n]), callback.round_to, block)
+        cap = start[n] if n in callback.coupled else max(count - floor, start[n])
+        ladders[n] = rungs(count, start[n], cap, callback.round_to, block)
     path = removal_path(scores, ladders, scope or callback.scope)
     table = lambda counts: {n: k / scores[n].numel() for n, k in counts.items()}  # noqa: E731
 
