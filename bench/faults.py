@@ -260,13 +260,20 @@ def bad_inputs(work: Path) -> None:
         ("ckpt_path", f"pruning.granularity=filter pruning.compression=4 ckpt_path={ckpt}"),
         ("ckpt_path", f"model=lenet5 pruning.compression=4 ckpt_path={ckpt}"),
         ("ckpt_path", f"finetune.epochs=3 pruning.compression=4 ckpt_path={ckpt}"),
+        ("seed", "seed=-1"), ("num_threads", "num_threads=-1"), ("num_threads", "num_threads=0"),
+        ("finetune.optimizer", "finetune.optimizer.lr=-1"), ("dense.optimizer", "dense.optimizer.lr=-1"),
+        ("trainer.strategy", "trainer.strategy=ddp_spawn"),
+        ("MLFLOW_TRACKING_URI", "env:MLFLOW_TRACKING_URI=garbage://nowhere"),
+        ("PRUNELAB_ROOT", "env:PRUNELAB_ROOT=/proc/forbidden"),
     ]
     rejected = 0
     for i, (key, overrides) in enumerate(cases):
         root = work / f"bad-{i}"
-        base = [o for o in SMALL if o.split("=")[0] not in {x.split("=")[0] for x in overrides.split()}]
+        env = dict([overrides.removeprefix("env:").split("=", 1)]) if overrides.startswith("env:") else None
+        given = [] if env else overrides.split()
+        base = [o for o in SMALL if o.split("=")[0] not in {x.split("=")[0] for x in given}]
         start = time.monotonic()
-        proc = _train(root, *base, *overrides.split())
+        proc = _train(root, *base, *given, env=env)
         seconds = time.monotonic() - start
         named = key in proc.stderr
         clean = not (root / "outputs").exists()
@@ -278,12 +285,34 @@ def bad_inputs(work: Path) -> None:
     print(f"bad inputs rejected {rejected}/{len(cases)} (non-zero exit, key named, no store / experiment / run)")
 
 
+def ddp_kill(work: Path) -> None:
+    """kill -9 of rank 1 of a 2-process DDP run (CPU, gloo): seconds until every process is gone, the run's status."""
+    import psutil
+
+    root = work / "ddp-kill"
+    proc = _train(root, *SMALL, "finetune.epochs=20", "trainer=ddp", "trainer.accelerator=cpu", "num_threads=1",
+                  wait=False)
+    _wait_for(root / "job" / "checkpoints" / "last.ckpt", proc)
+    time.sleep(2)
+    rank1 = next(c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("LOCAL_RANK") == "1")
+    rank1.kill()
+    start = time.monotonic()
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    gone = time.monotonic() - start
+    (run,) = _client(root).search_runs(["1"])
+    print(f"  kill -9 of rank 1: every process gone in {gone:.1f} s, exit {proc.returncode}, run {run.info.status} "
+          f"({run.data.tags.get('failure_reason', '')[:100]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--parallel", type=int, default=12, help="training processes started at once (SQLite)")
     parser.add_argument("--writers", type=int, default=32, help="concurrent writers on the PostgreSQL server")
-    parser.add_argument("--only", nargs="*", default=["kills", "signals", "parallel", "postgres", "bad"])
+    parser.add_argument("--only", nargs="*", default=["kills", "signals", "parallel", "postgres", "bad", "ddp"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
@@ -292,7 +321,7 @@ def main() -> None:
         work = Path(tmp)
         steps = {"bad": lambda: bad_inputs(work), "parallel": lambda: parallel_sqlite(work, args.parallel),
                  "postgres": lambda: postgres_parts(work, args.writers, 8), "signals": lambda: signals(work),
-                 "kills": lambda: kills(work, args.kills, random.Random(args.seed))}
+                 "kills": lambda: kills(work, args.kills, random.Random(args.seed)), "ddp": lambda: ddp_kill(work)}
         for name in args.only:
             start = time.monotonic()
             steps[name]()
