@@ -218,9 +218,13 @@ def plan_counts(cost_of: Callable[[dict[str, int]], int], dense_cost: int, compr
                 hi = mid
             else:
                 lo = mid + 1
-    best = min((prefix[m] for m in {max(hi - 1, 0), hi}), key=lambda c: abs(at(c) - compression))
-    if refine and abs(at(best) - compression) / compression > TOLERANCE:
-        best = _refine(best, compression, at, path, start, ladders)
+    # the path's points on either side of the ratio, the closer first; off the path from it, then from the other
+    sides = sorted((prefix[m] for m in {max(hi - 1, 0), hi}), key=lambda c: abs(at(c) - compression))
+    best = sides[0]
+    for side in sides if refine else ():
+        if abs(at(best) - compression) / compression <= TOLERANCE:
+            break
+        best = min(best, _refine(side, compression, at, path, start, ladders), key=lambda c: abs(at(c) - compression))
     ratios = list(plan.points.values())
     plan.counts, plan.reached = best, at(best)
     plan.below = max((r for r in ratios if r < compression), default=None)
