@@ -156,7 +156,8 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
         torch.save(parts.net.state_dict(), folder / "model_state.pt")
         run.record_measurement(parts.net, example, folder, format_table(rows), latency_params, weights,
                                {r["layer"]: r["sparsity"] for r in rows}, parts.datamodule, step)
-    verdict = collapse.check(parts.net, prunable, example, accuracy["test_acc"], parts.datamodule.num_classes)
+    verdict = collapse.check(parts.net, prunable, example, accuracy["test_acc"], parts.datamodule.num_classes,
+                             dense_acc=accuracy["dense_test_acc"])
     metrics = rounded(metrics)
     run.finish(metrics, verdict, step)
     return metrics, verdict.warning
