@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,34 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # small, fast defaults for integration tests: 8×8 digits, LeNet-300-100, short schedules
 FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false",
         "measure.onnx=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_sqlite_stores(tmp_path_factory):
+    """A new MLflow SQLite store is a copy of one migrated once per session, in this process: migrating a new file
+    takes dozens of transactions, each synced to disk (seconds of waiting per store, and most tests make one). Files
+    with some tables already (a half-migrated store, say) and other databases are migrated as MLflow does; so is
+    every store of a subprocess."""
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    migrate = utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
+    migrate(engine)
+    engine.dispose()
+
+    def initialize(engine) -> None:
+        if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:") or (
+                sqlalchemy.inspect(engine).get_table_names()):
+            return migrate(engine)
+        with sqlite3.connect(template) as source, engine.connect() as connection:
+            source.backup(connection.connection.driver_connection)
+        engine.dispose()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "_initialize_tables", initialize)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,7 @@ def _curves(uri: str, run_id: str) -> dict[str, dict[int, float]]:
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
 
 
+@pytest.mark.slow  # three fits of RUN; the default run resumes every method (test_core_contract) and kills a CLI run
 def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cached, make_cfg, cache_root,
                                                                        tmp_path):
     ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"

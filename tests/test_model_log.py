@@ -32,6 +32,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # a fit, then a fresh interpreter; test_logged_model_is_a_module_... loads one without a fit
 def test_model_loads_in_a_fresh_process_with_the_runs_test_accuracy(make_cfg, tmp_path):
     for method in ("magnitude", "admm"):
         train(make_cfg(f"pruning={method}", "pruning.compression=4", "logger.log_model=true",
