@@ -30,8 +30,8 @@ def test_band_is_twice_the_std_or_the_floor():
 def _gate(tmp_path, baseline, *extra):
     env = {**os.environ, "PRUNELAB_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "prunelab.tracking.regress", "--baseline", str(baseline), *extra,
-                           "--", *GRID], capture_output=True, text=True, env=env, timeout=1200)
+    return subprocess.run([sys.executable, "-m", "prunelab.tracking.regress", "--baseline", str(baseline), "--grid",
+                           "regress", *extra, "--", *GRID], capture_output=True, text=True, env=env, timeout=1200)
 
 
 @pytest.mark.slow

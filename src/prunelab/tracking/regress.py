@@ -4,10 +4,16 @@ A cell (dataset/model/method/ratio) regresses when its mean over seeds falls bel
 ``max(2 × baseline std, floor)``; the floor comes from measured seed noise (``regress/NOISE.md``). Cells missing from
 the baseline are reported as ``new``; baseline cells absent or failed now are ``missing`` and fail the gate.
 
-    prunelab-regress                      # run the grid (conf/sweep/regress.yaml), compare, exit 1 on regression
-    prunelab-regress --sweep-id ID        # compare an already finished sweep instead
-    prunelab-regress --update             # run the grid and rewrite the baseline on purpose (prints the diff)
-    prunelab-regress -- data=digits ...   # extra Hydra overrides for the grid's runs
+    prunelab-regress                      # run the grids (conf/sweep/regress*.yaml), compare, exit 1 on regression
+    prunelab-regress --sweep-id ID [ID]   # compare already finished sweeps instead
+    prunelab-regress --update             # run the grids and rewrite the baseline on purpose (prints the diff)
+    prunelab-regress --update --grid regress_macs   # run one grid and replace only its cells in the baseline
+    prunelab-regress --grid regress -- data=digits ...   # one grid, extra Hydra overrides for its runs
+
+The grids: ``regress`` (every method at its defaults, a product of models × methods × ratios × seeds) and
+``regress_macs`` (one structured FLOPs cell per method that removes structure). Baseline cells carry the grid they
+come from (``grid``; ``regress`` when absent); a run of some grids compares only their cells, and ``--update`` with
+``--grid`` replaces only those cells, keeping the others and the band's floor as they are.
 """
 
 from __future__ import annotations
@@ -32,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[3]
 BASELINE = ROOT / "regress" / "baseline.json"
 EXPERIMENT = "prunelab-regress"
 DEFAULT_FLOOR = 1.0
+GRIDS = ("regress", "regress_macs")  # conf/sweep/<grid>.yaml
 
 
-def run_grid(overrides: list[str], experiment: str) -> str:
-    """Run the gate's sweep in a subprocess (the real CLI) and return its sweep id."""
+def run_grid(overrides: list[str], experiment: str, grid: str = "regress") -> str:
+    """Run one of the gate's sweeps in a subprocess (the real CLI) and return its sweep id."""
     started = int(time.time() * 1000)
-    cmd = [sys.executable, "-m", "prunelab.train", "sweep=regress", f"logger.experiment_name={experiment}", *overrides]
+    cmd = [sys.executable, "-m", "prunelab.train", f"sweep={grid}", f"logger.experiment_name={experiment}", *overrides]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
     if proc.returncode != 0:
@@ -49,8 +56,9 @@ def run_grid(overrides: list[str], experiment: str) -> str:
     return parents[0].data.tags["sweep_id"]
 
 
-def cells(runs: pd.DataFrame) -> dict[str, dict]:
-    """Per cell: mean, std (ddof 1) and count of finished runs' test_acc, plus the per-seed values."""
+def cells(runs: pd.DataFrame, grid: str = "regress") -> dict[str, dict]:
+    """Per cell: mean, std (ddof 1) and count of finished runs' test_acc, plus the per-seed values (and the grid,
+    for any grid but ``regress``)."""
     out: dict[str, dict] = {}
     for key, group in runs.groupby(["dataset", "model", "method", "compression_target"], dropna=False):
         name = f"{key[0]}/{key[1]}/{key[2]}/{key[3]:g}"
@@ -62,6 +70,7 @@ def cells(runs: pd.DataFrame) -> dict[str, dict]:
             "n": int(len(acc)),
             "failed": int(len(group) - len(acc)),
             "seeds": {str(s): float(a) for s, a in zip(done["seed"], acc)},
+            **({"grid": grid} if grid != "regress" else {}),
         }
     return out
 
@@ -106,8 +115,9 @@ def noise_floor(stds: list[float]) -> float:
     return max(0.5, float(np.ceil(2 * np.median(stds) * 10) / 10)) if stds else 0.5
 
 
-def noise_report(now: dict[str, dict], floor: float) -> str:
-    """Markdown written next to the baseline: the seed noise that sets the floor."""
+def noise_report(now: dict[str, dict], floor: float, kept: bool = False) -> str:
+    """Markdown written next to the baseline: the seed noise that sets the floor (``kept``: the floor of the last
+    full update, kept when ``--grid`` updated some cells only)."""
     stds = [c["std"] for c in now.values() if c["n"] > 1]
     lines = ["# Seed noise of the regression grid", "",
              "Written by `prunelab-regress --update` from the runs that produced `baseline.json`.", "",
@@ -122,13 +132,19 @@ def noise_report(now: dict[str, dict], floor: float) -> str:
                   "happen to agree closely would otherwise get a band narrower than the noise seen elsewhere in the "
                   "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 "
                   "(one cell whose seeds disagree wildly widens its own band, not the others')."]
+    if kept:
+        lines += ["", "The floor is the one of the last full update (`prunelab-regress --update`): an update of some "
+                  "grids only (`--grid`) adds or replaces their cells and leaves every other cell's band as it was."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prunelab-regress", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--sweep-id", help="compare this finished sweep instead of running the grid")
+    parser.add_argument("--sweep-id", nargs="+", help="compare these finished sweeps (one per grid, in --grid order) "
+                        "instead of running the grids")
+    parser.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS),
+                        help="the grids to run and compare (default: all)")
     parser.add_argument("--update", action="store_true", help="rewrite the baseline from this grid and show the diff")
     parser.add_argument("--baseline", type=Path, default=BASELINE, help=f"baseline file (default: {BASELINE})")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default: {EXPERIMENT})")
@@ -136,20 +152,34 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     mlflow.set_tracking_uri(tracking_uri(None, Path(os.environ.get("PRUNELAB_ROOT", ROOT)) / "outputs"))
-    sweep_id = args.sweep_id or run_grid(args.overrides, args.experiment)
-    now = cells(load_runs(mlflow.get_tracking_uri(), args.experiment, sweep_id))
-    if not now:
-        raise SystemExit(f"no runs for sweep_id={sweep_id!r} in experiment {args.experiment!r}")
+    if args.sweep_id and len(args.sweep_id) != len(args.grid):
+        raise SystemExit(f"--sweep-id: one sweep per grid ({', '.join(args.grid)})")
+    sweeps = dict(zip(args.grid, args.sweep_id or [run_grid(args.overrides, args.experiment, g) for g in args.grid]))
+    now = {}
+    for grid, sweep_id in sweeps.items():
+        found = cells(load_runs(mlflow.get_tracking_uri(), args.experiment, sweep_id), grid)
+        if not found:
+            raise SystemExit(f"no runs for sweep_id={sweep_id!r} in experiment {args.experiment!r}")
+        now.update(found)
     old = json.loads(args.baseline.read_text()) if args.baseline.exists() else {"cells": {}}
-    table = compare(old, now)
-    print(f"sweep {sweep_id}\n\n{format_table(table)}\n")
+    partial = set(args.grid) != set(GRIDS)
+    if partial:  # the other grids' cells are not compared, nor rewritten
+        mine = {n: c for n, c in old["cells"].items() if c.get("grid", "regress") in args.grid}
+        table = compare({**old, "cells": mine}, now)
+    else:
+        table = compare(old, now)
+    print(f"sweeps {sweeps}\n\n{format_table(table)}\n")
     if args.update:
-        floor = noise_floor([c["std"] for c in now.values() if c["n"] > 1])
+        merged = {**(old["cells"] if partial else {}), **now}
+        floor = float(old.get("floor", DEFAULT_FLOOR)) if partial and old["cells"] else \
+            noise_floor([c["std"] for c in now.values() if c["n"] > 1])
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
-        args.baseline.write_text(json.dumps({"floor": floor, "sweep_id": sweep_id, "overrides": args.overrides,
-                                             "cells": now}, indent=2, sort_keys=True) + "\n")
-        (args.baseline.parent / "NOISE.md").write_text(noise_report(now, floor))
-        print(f"baseline rewritten: {args.baseline} (floor {floor:.2f}); the table above is the diff old → new")
+        ids = {**(old.get("sweep_ids") or {"regress": old.get("sweep_id")} if partial else {}), **sweeps}
+        args.baseline.write_text(json.dumps({"floor": floor, "sweep_ids": ids, "overrides": args.overrides,
+                                             "cells": merged}, indent=2, sort_keys=True) + "\n")
+        (args.baseline.parent / "NOISE.md").write_text(noise_report(merged, floor, kept=partial and bool(old["cells"])))
+        print(f"baseline {'updated' if partial else 'rewritten'}: {args.baseline} (floor {floor:.2f}); the table "
+              "above is the diff old → new" + (f" for the cells of {', '.join(args.grid)}" if partial else ""))
         return
     bad = table[table["verdict"].isin(["REGRESSED", "missing"])]
     if len(bad):

@@ -50,8 +50,11 @@ def load_runs(uri: str, experiment: str, sweep_id: str | None = None) -> pd.Data
         out[key] = runs.get(f"params.{key}")
     out["compression_target"] = pd.to_numeric(out["compression_target"], errors="coerce")
     granular = out["granularity"].fillna("weight")
-    # a method's line in the report: its name, plus the granularity when structured
-    out["method"] = out["method"].where(granular.isin(["weight", "none"]), out["method"] + " (" + granular + ")")
+    # a method's line in the report: its name, plus the granularity when structured, plus "macs" when the ratio is one
+    # of MACs (pruning.target=macs: another question than the same ratio of weights)
+    macs = runs.get("params.pruning.target", pd.Series(index=runs.index, dtype=object)).eq("macs")
+    kind = granular.where(~macs, granular + ", macs")
+    out["method"] = out["method"].where(granular.isin(["weight", "none"]) & ~macs, out["method"] + " (" + kind + ")")
     for name in _METRICS:
         out[name] = runs.get(f"metrics.{name}", np.nan)
     out["collapsed"] = runs.get(f"tags.{COLLAPSED_TAG}", pd.Series(index=runs.index, dtype=object)).eq("true")
