@@ -140,14 +140,10 @@ def _wait_for_step(folder: Path, proc: subprocess.Popen, deadline: float) -> Non
         time.sleep(0.1)
 
 
-def test_kill9_of_rank1_ends_every_process_and_the_run_then_resume_gives_the_uninterrupted_masks(tmp_path, cache):
-    long = ["pruning=magnitude", "finetune.epochs=12"]
-    reference = tmp_path / "reference"
-    assert _cli(reference, cache, *long).returncode == 0
-    expected = _checks(reference)[-1]["ranks"][0]
-
-    root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab.train", *_args(root, cache, *long)],
+def _kill_rank1_mid_fit(root: Path, cache: Path, *overrides: str) -> psutil.Process:
+    """Start a run, kill -9 its rank 1 once the pruning fit wrote a checkpoint; assert every process is gone
+    within 60 s with a non-zero exit. Returns the killed process."""
+    proc = subprocess.Popen([sys.executable, "-m", "prunelab.train", *_args(root, cache, *overrides)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for_step(root / "job" / "checkpoints", proc, time.monotonic() + TIMEOUT)
     victim = _rank1(psutil.Process(proc.pid))
@@ -161,6 +157,17 @@ def test_kill9_of_rank1_ends_every_process_and_the_run_then_resume_gives_the_uni
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert time.monotonic() - killed_at < 60
+    return victim
+
+
+def test_kill9_of_rank1_ends_every_process_and_the_run_then_resume_gives_the_uninterrupted_masks(tmp_path, cache):
+    long = ["pruning=magnitude", "finetune.epochs=12"]
+    reference = tmp_path / "reference"
+    assert _cli(reference, cache, *long).returncode == 0
+    expected = _checks(reference)[-1]["ranks"][0]
+
+    root = tmp_path / "killed"
+    victim = _kill_rank1_mid_fit(root, cache, *long)
     assert not psutil.pid_exists(victim.pid) or victim.status() == psutil.STATUS_ZOMBIE
     (run,) = _runs(root)
     assert run.info.status in ("FAILED", "KILLED"), run.info.status
@@ -194,15 +201,5 @@ def test_every_method_on_two_gpus_with_nccl(tmp_path, cache, method):
 @pytest.mark.gpu
 @two_gpus
 def test_kill9_of_rank1_on_two_gpus_ends_every_process(tmp_path, cache):
-    root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab.train",
-                             *_args(root, cache, "finetune.epochs=12", "trainer.accelerator=gpu", "trainer.devices=2")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_step(root / "job" / "checkpoints", proc, time.monotonic() + TIMEOUT)
-    _rank1(psutil.Process(proc.pid)).send_signal(signal.SIGKILL)
-    try:
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    _kill_rank1_mid_fit(tmp_path / "killed", cache, "finetune.epochs=12", "trainer.accelerator=gpu",
+                        "trainer.devices=2")
