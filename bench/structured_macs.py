@@ -81,7 +81,7 @@ def run(cell: str, variant: str, args, env: dict[str, str]) -> None:
         f"pruning.compression={','.join(map(str, args.ratios))}",
         f"seed={','.join(map(str, args.seeds))}",
         f"logger.experiment_name={EXPERIMENT}",
-        f"logger.run_name={variant}",
+        f"logger.run_name='{variant}'",
         "logger.log_model=false",
         "measure.onnx=false",
         "hydra/launcher=local_parallel",

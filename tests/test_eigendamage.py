@@ -208,7 +208,7 @@ print("ok")
     (dict(compression=4, prune_ratio_limit=1.0), r"pruning.prune_ratio_limit=1.0 must be a number > 0 and < 1"),
     (dict(compression=4, fisher_type="sampled"), r"pruning.fisher_type='sampled' is not one of: true, empirical"),
     (dict(compression=4, granularity="filter"), r"Unknown EigenDamage option\(s\) \['granularity'\]"),
-    (dict(compression=4, scope="layer"), r"pruning.scope='layer' is not one of: global, lamp"),
+    (dict(compression=4, scope="row"), r"pruning.scope='row' is not one of: global, lamp, layer, auto"),
 ])
 def test_bad_input_is_rejected_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -232,7 +232,7 @@ def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     assert resumed.resume is not None and resumed.resume.run_id == run.info.run_id
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("normalize", [False, True, "layer"])
 def test_plan_meets_every_reachable_target_and_keeps_the_top_directions(normalize):
     net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
     layers = {"fc1": net.fc1, "fc2": net.fc2}

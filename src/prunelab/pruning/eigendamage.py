@@ -37,7 +37,7 @@ from prunelab.pruning.training import recalibrate_batchnorm, renew_optimizers
 log = logging.getLogger(__name__)
 
 MODES = ("one_pass", "iterative")
-SCOPES = ("global", "lamp")
+SCOPES = ("global", "lamp", "layer", "auto")
 OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
            "recalibrate_bn", "seed", "layers", "exclude", "target")
 
@@ -60,8 +60,9 @@ class EigenDamagePruning(PruningCallback):
         recalibrate_bn: recompute BatchNorm statistics before every later round and after the last step.
         seed: seed of the label sampling (``None``: the run's seed).
         scope: ``lamp`` (each layer side's direction scores LAMP-normalised before the one threshold, Lee et al.
-            ICLR 2021) or ``global`` (the paper: the raw scores, which on ``lenet5_classic`` cut conv1 and conv2
-            to one direction each at 8×).
+            ICLR 2021), ``global`` (the paper: the raw scores, which on ``lenet5_classic`` cut conv1 and conv2
+            to one direction each at 8×), ``layer`` (every layer side drops the same share of its directions) or
+            ``auto``: ``layer`` under ``target=macs``, else ``lamp``.
         layers, exclude: module names to consider / to leave alone; the classifier is never pruned.
     """
 
@@ -76,6 +77,8 @@ class EigenDamagePruning(PruningCallback):
         target = kwargs.pop("target", "params")  # the core's check ties target=macs to filter/channel masks
         super().__init__(compression, scope=check_choice("scope", scope, SCOPES), **kwargs)
         self.target = check_choice("target", target, macs_target.TARGETS)
+        if scope == "auto":  # the core resolved it before the target was known here
+            self.scope = "layer" if self.target == "macs" else "lamp"
         self.dense_macs = 0  # target=macs: MACs of the network as built, on the example input
         self.mode = check_choice("mode", mode, MODES)
         self.rounds = check_int("rounds", rounds) if mode == "iterative" else 1
@@ -205,7 +208,7 @@ class EigenDamagePruning(PruningCallback):
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
         budget = self._macs_budget(net, layers) if self.target == "macs" else None
-        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self.scope == "lamp",
+        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self._ranking(),
                           budget)
         missed = abs(result.compression - target) / target > macs_target.TOLERANCE
         if final and missed and budget is None:
@@ -223,6 +226,10 @@ class EigenDamagePruning(PruningCallback):
         log.info("eigendamage round %d: %d layers replaced, %d directions dropped, %.3f× (target %.3f×)",
                  self.rounds_done, len(result.keep), result.pruned_units, result.compression, target)
         return len(result.keep)
+
+    def _ranking(self) -> bool | str:
+        """:func:`kfe.plan`'s ``normalize`` for :attr:`scope`."""
+        return {"global": False, "lamp": "lamp", "layer": "layer"}[self.scope]
 
     @staticmethod
     def _replace(net: nn.Module, kfes: dict[str, kfe.LayerKFE], result: kfe.Plan) -> None:
@@ -244,7 +251,7 @@ class EigenDamagePruning(PruningCallback):
             if abs(reached - target) / target <= macs_target.TOLERANCE:
                 break
             aim *= target / reached
-            result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self.scope == "lamp",
+            result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self._ranking(),
                               budget)
             self._replace(net, kfes, result)
         self.reached, result = best

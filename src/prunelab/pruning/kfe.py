@@ -219,10 +219,12 @@ class MacsBudget:
 
 
 def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, target: float, limit: float,
-         normalize: bool = False, macs: MacsBudget | None = None) -> Plan:
+         normalize: bool | str = False, macs: MacsBudget | None = None) -> Plan:
     """Global threshold over every in/out direction of every layer, searched so that dense / after ≈ ``target``
     (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``; ``normalize``: rank LAMP scores of
-    each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones; ``macs``:
+    each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones (``True`` or
+    ``"lamp"``), or their share of the side, so that every side drops the same share of its directions (``"layer"``,
+    Torch-Pruning's uniform ratio); ``macs``:
     the ratio is one of MACs, and a layer is replaced when its bottleneck has fewer MACs).
 
     The m lowest-scoring directions over all layers are dropped, but at most ⌊limit·n⌋ (and n − 1) of a layer side's
@@ -233,7 +235,12 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
     """
     names = list(kfes)
     sides = [s for n in names for s in (kfes[n].in_scores, kfes[n].out_scores)]
-    ranked = list(lamp_scores(dict(enumerate(sides))).values()) if normalize else sides
+    if normalize == "layer":  # (position in the side's ascending order + 1) / side size
+        ranked = [torch.empty(len(s), dtype=torch.float64).index_put_(
+            (torch.argsort(s.cpu(), stable=True),), torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s))
+            for s in sides]
+    else:
+        ranked = list(lamp_scores(dict(enumerate(sides))).values()) if normalize else sides
     scores = torch.cat([s.cpu() for s in ranked])
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sides)])
     onehot = torch.zeros(len(scores) + 1, len(sides), dtype=torch.long)
