@@ -110,11 +110,12 @@ def test_measure_with_latency_writes_raw_samples(tmp_path):
     with torch.no_grad():
         pruned.fc1.weight[:150] = 0
     metrics, _, params = measure(pruned, dense, ["fc1", "fc2", "fc3"], X, tmp_path, latency=True, gpu=False, **FAST)
-    assert set(params) == {"latency_cpu_device"}
-    for key in ("latency_cpu_b1_ms", "latency_cpu_b4_ms", "speedup_cpu_b1", "speedup_cpu_b4"):
+    assert set(params) == {"latency_cpu_device", "latency_onnx_runtime"}  # ONNX Runtime timed too (onnx=True)
+    for key in ("latency_cpu_b1_ms", "latency_cpu_b4_ms", "speedup_cpu_b1", "speedup_cpu_b4",
+                "latency_onnx_b1_ms", "speedup_onnx_b4"):
         assert math.isfinite(metrics[key]) and metrics[key] > 0
     samples = json.loads((tmp_path / "latency.json").read_text())
-    assert set(samples["cpu_b1"]) == {"dense", "pruned"}
+    assert set(samples["cpu_b1"]) == set(samples["onnx_b1"]) == {"dense", "pruned"}
 
 
 def test_is_2to4():
