@@ -66,8 +66,9 @@ def accuracy_table(args, root: Path) -> None:
         for name, base in methods.items():
             accs = []
             for seed in args.seeds:
-                m, _ = run([*base, f"pruning.compression={ratio}", f"seed={seed}", f"finetune.epochs={args.epochs}"],
-                           root)
+                m, _ = run(
+                    [*base, f"pruning.compression={ratio}", f"seed={seed}", f"finetune.epochs={args.epochs}"], root
+                )
                 accs.append(m["test_acc"])
                 if name == args.methods[0]:
                     dense.append(m["dense_test_acc"])
@@ -77,19 +78,29 @@ def accuracy_table(args, root: Path) -> None:
 
 def quantized_check(args, root: Path) -> None:
     print(f"mnist5k / lenet5, ADMM at {args.qratio}×, finetune.epochs={args.epochs}")
-    print("| seed | unquantized acc | 4-bit acc | Δ (pts) | bytes_stored (4-bit) | storage_compression (4-bit) |"
-          " generic bytes_stored (float) |")
+    print(
+        "| seed | unquantized acc | 4-bit acc | Δ (pts) | bytes_stored (4-bit) | storage_compression (4-bit) |"
+        " generic bytes_stored (float) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     for seed in args.seeds:
-        common = ["pruning=admm", *args.admm, f"pruning.compression={args.qratio}", f"seed={seed}",
-                  f"finetune.epochs={args.epochs}"]
+        common = [
+            "pruning=admm",
+            *args.admm,
+            f"pruning.compression={args.qratio}",
+            f"seed={seed}",
+            f"finetune.epochs={args.epochs}",
+        ]
         plain, _ = run(common, root)
         quant, callback = run([*common, f"+pruning.quantize.bits={args.bits}"], root)
         with tempfile.TemporaryDirectory() as tmp:
             stored = callback.stored_bytes(Path(tmp) / "model.plq")
-        print(f"| {seed} | {plain['test_acc']:.2f} | {quant['test_acc']:.2f} | "
-              f"{quant['test_acc'] - plain['test_acc']:+.2f} | {stored:,} | {quant['bytes_dense'] / stored:.1f}× | "
-              f"{quant['bytes_stored']:,.0f} |", flush=True)
+        print(
+            f"| {seed} | {plain['test_acc']:.2f} | {quant['test_acc']:.2f} | "
+            f"{quant['test_acc'] - plain['test_acc']:+.2f} | {stored:,} | {quant['bytes_dense'] / stored:.1f}× | "
+            f"{quant['bytes_stored']:,.0f} |",
+            flush=True,
+        )
 
 
 def main() -> None:

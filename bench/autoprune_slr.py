@@ -31,11 +31,24 @@ EXPERIMENT = "autoprune_slr"
 
 def sweep(args, root: Path) -> float:
     """Run the grid through ``python -m prunelab.train -m``; returns its wall time in seconds."""
-    command = [sys.executable, "-m", "prunelab.train", "-m", "data=mnist5k", "model=lenet5",
-               f"pruning={','.join(args.methods)}", f"pruning.compression={','.join(map(str, args.ratios))}",
-               f"seed={','.join(map(str, args.seeds))}", f"finetune.epochs={args.epochs}",
-               "hydra/launcher=local_parallel", "num_threads=1", f"logger.experiment_name={EXPERIMENT}",
-               "logger.log_model=false", "measure.latency=false", *args.overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        "-m",
+        "data=mnist5k",
+        "model=lenet5",
+        f"pruning={','.join(args.methods)}",
+        f"pruning.compression={','.join(map(str, args.ratios))}",
+        f"seed={','.join(map(str, args.seeds))}",
+        f"finetune.epochs={args.epochs}",
+        "hydra/launcher=local_parallel",
+        "num_threads=1",
+        f"logger.experiment_name={EXPERIMENT}",
+        "logger.log_model=false",
+        "measure.latency=false",
+        *args.overrides,
+    ]
     env = {**os.environ, "PRUNELAB_ROOT": str(root), "PRUNELAB_JOBS": str(args.jobs)}
     env.pop("MLFLOW_TRACKING_URI", None)
     start = time.perf_counter()
@@ -112,8 +125,10 @@ def main() -> None:
         seconds = 0.0 if args.report else sweep(args, root)
         print_tables(args, results(root))
     if not args.report:
-        print(f"\n({len(args.methods) * len(args.ratios) * len(args.seeds)} jobs, {args.jobs} at a time, "
-              f"{seconds / 60:.0f} min)")
+        print(
+            f"\n({len(args.methods) * len(args.ratios) * len(args.seeds)} jobs, {args.jobs} at a time, "
+            f"{seconds / 60:.0f} min)"
+        )
 
 
 if __name__ == "__main__":

@@ -33,15 +33,26 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(method: str, seed: int, world: int, args, root: Path) -> float:
     """One CLI run; returns its wall time (s)."""
     batch = args.batch_size // world
-    cmd = [sys.executable, "-m", "prunelab.train", f"data={args.data}", f"model={args.model}", f"pruning={method}",
-           f"pruning.compression={args.ratio}", f"seed={seed}", f"data.batch_size={batch}", "measure.latency=false",
-           "measure.onnx=false", "logger.log_model=false", f"logger.run_name={method}-w{world}-s{seed}",
-           f"trainer.accelerator={args.accelerator}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        f"data={args.data}",
+        f"model={args.model}",
+        f"pruning={method}",
+        f"pruning.compression={args.ratio}",
+        f"seed={seed}",
+        f"data.batch_size={batch}",
+        "measure.latency=false",
+        "measure.onnx=false",
+        "logger.log_model=false",
+        f"logger.run_name={method}-w{world}-s{seed}",
+        f"trainer.accelerator={args.accelerator}",
+    ]
     if world > 1:
         cmd += ["trainer=ddp", f"trainer.devices={world}"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(root)}, capture_output=True,
-                          text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(root)}, capture_output=True, text=True)
     if proc.returncode != 0:
         print(f"  {method} world {world} seed {seed} FAILED:\n{proc.stderr[-2000:]}", file=sys.stderr)
     return time.perf_counter() - start
@@ -52,8 +63,12 @@ def finished(root: Path) -> set[str]:
     if not (root / "outputs" / "mlflow.db").exists():
         return set()
     mlflow.set_tracking_uri(f"sqlite:///{root}/outputs/mlflow.db")
-    return {r.info.run_name for r in mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
-                                                         filter_string="attributes.status = 'FINISHED'")}
+    return {
+        r.info.run_name
+        for r in mlflow.search_runs(
+            experiment_names=["prunelab"], output_format="list", filter_string="attributes.status = 'FINISHED'"
+        )
+    }
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -62,11 +77,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def report(root: Path, methods: list[str], seeds: list[int]) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{root}/outputs/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
-                              filter_string="attributes.status = 'FINISHED'")
+    runs = mlflow.search_runs(
+        experiment_names=["prunelab"], output_format="list", filter_string="attributes.status = 'FINISHED'"
+    )
     by_name = {r.info.run_name: r for r in sorted(runs, key=lambda r: r.info.start_time)}  # the latest wins
-    print("| method | 1 process: test acc (%) | 2 processes: test acc (%) | within 2σ | compression 1 / 2 "
-          "| wall s 1 / 2 |")
+    print(
+        "| method | 1 process: test acc (%) | 2 processes: test acc (%) | within 2σ | compression 1 / 2 "
+        "| wall s 1 / 2 |"
+    )
     print("| --- | ---: | ---: | :---: | ---: | ---: |")
     for method in methods:
         accs, comps, wall = {}, {}, {}
@@ -82,8 +100,10 @@ def report(root: Path, methods: list[str], seeds: list[int]) -> None:
         (m1, s1), (m2, s2) = _mean_std(accs[1]), _mean_std(accs[2])
         ok = "ok" if abs(m2 - m1) <= 2 * max(s1, s2, 1e-9) else "**no**"
         walls_text = " / ".join(f"{statistics.fmean(wall[w]):.0f}" if wall[w] else "—" for w in (1, 2))
-        print(f"| {method} | {m1:.2f} ± {s1:.2f} | {m2:.2f} ± {s2:.2f} | {ok} | "
-              f"{statistics.fmean(comps[1]):.2f} / {statistics.fmean(comps[2]):.2f} | {walls_text} |")
+        print(
+            f"| {method} | {m1:.2f} ± {s1:.2f} | {m2:.2f} ± {s2:.2f} | {ok} | "
+            f"{statistics.fmean(comps[1]):.2f} / {statistics.fmean(comps[2]):.2f} | {walls_text} |"
+        )
 
 
 def main() -> None:
@@ -108,8 +128,10 @@ def main() -> None:
                         continue
                     seconds = run(method, seed, world, args, args.root)
                     print(f"  {method} world {world} seed {seed}: {seconds:.0f} s", file=sys.stderr)
-    print(f"{args.data}/{args.model} at {args.ratio:g}x, global batch {args.batch_size}, seeds "
-          f"{' '.join(map(str, args.seeds))}, accelerator {args.accelerator}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"{args.data}/{args.model} at {args.ratio:g}x, global batch {args.batch_size}, seeds "
+        f"{' '.join(map(str, args.seeds))}, accelerator {args.accelerator}, {time.strftime('%Y-%m-%d')}"
+    )
     report(args.root, args.methods, args.seeds)
 
 

@@ -70,8 +70,17 @@ def table(args, root: Path) -> None:
             for name, overrides in methods.items():
                 rows = []
                 for seed in args.seeds:
-                    m = run([f"data={data}", f"model={model}", *overrides, f"pruning.compression={ratio}",
-                             f"seed={seed}", f"finetune.epochs={args.epochs}"], root)
+                    m = run(
+                        [
+                            f"data={data}",
+                            f"model={model}",
+                            *overrides,
+                            f"pruning.compression={ratio}",
+                            f"seed={seed}",
+                            f"finetune.epochs={args.epochs}",
+                        ],
+                        root,
+                    )
                     rows.append(m)
                     dense.append(m["dense_test_acc"])
                 cells = [fmt([r.get(c) for r in rows]) for c in COLUMNS]
@@ -88,8 +97,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6, help="finetune.epochs, the same for every method")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     for name in METHODS:
-        parser.add_argument(f"--{name}", dest=name.replace("-", "_"), nargs="*", default=[],
-                            help=f"extra Hydra overrides for {name}")
+        parser.add_argument(
+            f"--{name}", dest=name.replace("-", "_"), nargs="*", default=[], help=f"extra Hydra overrides for {name}"
+        )
     parser.add_argument("--root", default=str(ROOT / "outputs" / "bench_eigendamage"), help="private PRUNELAB_ROOT")
     args = parser.parse_args()
     if args.quick:

@@ -28,12 +28,25 @@ METRICS = ("dense_test_acc", "test_acc", "macs_reduction", "speedup_cpu_b64", "s
 
 
 def run(args, model: str, granularity: str, ratio: float, seed: int) -> None:
-    cmd = [sys.executable, "-m", "prunelab.train", f"data={args.data}", "model=torchvision", f"model.name={model}",
-           "pruning=magnitude", f"pruning.granularity={granularity}", "pruning.target=macs",
-           f"pruning.compression={ratio}", f"seed={seed}", "logger.log_model=false",
-           f"logger.run_name={model}-{granularity}-{ratio:g}-s{seed}", *args.overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(args.root)}, capture_output=True,
-                          text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        f"data={args.data}",
+        "model=torchvision",
+        f"model.name={model}",
+        "pruning=magnitude",
+        f"pruning.granularity={granularity}",
+        "pruning.target=macs",
+        f"pruning.compression={ratio}",
+        f"seed={seed}",
+        "logger.log_model=false",
+        f"logger.run_name={model}-{granularity}-{ratio:g}-s{seed}",
+        *args.overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(args.root)}, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         print(f"  {model} {granularity} {ratio:g}x seed {seed} FAILED:\n{proc.stderr[-1500:]}", file=sys.stderr)
 
@@ -48,23 +61,31 @@ def _cell(values: list[float], digits: int = 2) -> str:
 
 def report(args) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{args.root}/outputs/mlflow.db")
-    runs = mlflow.search_runs(experiment_names=["prunelab"], output_format="list",
-                              filter_string="attributes.status = 'FINISHED'")
+    runs = mlflow.search_runs(
+        experiment_names=["prunelab"], output_format="list", filter_string="attributes.status = 'FINISHED'"
+    )
     by_name = {r.info.run_name: r for r in sorted(runs, key=lambda r: r.info.start_time)}
-    print(f"{args.data}, magnitude pruning with pruning.target=macs, seeds {' '.join(map(str, args.seeds))}, "
-          f"default budget, {time.strftime('%Y-%m-%d')}")
-    print("| network | granularity | MACs target | dense acc (%) | pruned acc (%) | MACs reduction | CPU speed-up "
-          "b64 | ONNX Runtime speed-up b64 |")
+    print(
+        f"{args.data}, magnitude pruning with pruning.target=macs, seeds {' '.join(map(str, args.seeds))}, "
+        f"default budget, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        "| network | granularity | MACs target | dense acc (%) | pruned acc (%) | MACs reduction | CPU speed-up "
+        "b64 | ONNX Runtime speed-up b64 |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for model in args.models:
         for granularity in args.granularities:
             for ratio in args.ratios:
                 found = [by_name.get(f"{model}-{granularity}-{ratio:g}-s{s}") for s in args.seeds]
-                values = {k: [r.data.metrics[k] for r in found if r is not None and k in r.data.metrics]
-                          for k in METRICS}
-                print(f"| {model} | {granularity} | {ratio:g}× | {_cell(values['dense_test_acc'])} | "
-                      f"{_cell(values['test_acc'])} | {_cell(values['macs_reduction'])}× | "
-                      f"{_cell(values['speedup_cpu_b64'])}× | {_cell(values['speedup_onnx_b64'])}× |")
+                values = {
+                    k: [r.data.metrics[k] for r in found if r is not None and k in r.data.metrics] for k in METRICS
+                }
+                print(
+                    f"| {model} | {granularity} | {ratio:g}× | {_cell(values['dense_test_acc'])} | "
+                    f"{_cell(values['test_acc'])} | {_cell(values['macs_reduction'])}× | "
+                    f"{_cell(values['speedup_cpu_b64'])}× | {_cell(values['speedup_onnx_b64'])}× |"
+                )
 
 
 def main() -> None:

@@ -30,23 +30,45 @@ from prunelab.tracking.teamserver import mlflow_server, postgres, postgres_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUN = ["data=mnist5k", "model=lenet5", "dense.epochs=2", "finetune.epochs=4", "logger.log_model=false",
-       "measure.latency=false", "num_threads=1"]
-SMALL = ["data=digits", "model=lenet300", "dense.epochs=1", "finetune.epochs=2", "logger.log_model=false",
-         "measure.latency=false", "num_threads=1"]
+RUN = [
+    "data=mnist5k",
+    "model=lenet5",
+    "dense.epochs=2",
+    "finetune.epochs=4",
+    "logger.log_model=false",
+    "measure.latency=false",
+    "num_threads=1",
+]
+SMALL = [
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=1",
+    "finetune.epochs=2",
+    "logger.log_model=false",
+    "measure.latency=false",
+    "num_threads=1",
+]
 CURVES = ("train/loss", "val/acc", "train/sparsity")
 
 
 def _train(root: Path, *overrides: str, job: str = "job", wait: bool = True, env: dict | None = None):
-    cmd = [sys.executable, "-m", "prunelab.train", *overrides, f"paths.root_dir={root}",
-           f"paths.cache_dir={root.parent / 'dense_cache'}", f"hydra.run.dir={root / job}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        *overrides,
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={root.parent / 'dense_cache'}",
+        f"hydra.run.dir={root / job}",
+    ]
     env = {**os.environ, **(env or {})}
     if not (env or {}).get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
     if wait:
         return subprocess.run(cmd, capture_output=True, text=True, env=env)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
 
 
 def _client(root: Path) -> mlflow.MlflowClient:
@@ -82,8 +104,11 @@ def kills(work: Path, trials: int, rng: random.Random) -> None:
         assert proc.wait() == 0, proc.stderr.read()[-3000:]
         client = _client(root)
         (run,) = client.search_runs(["1"])
-        refs[method] = (_masks(root / "job" / "checkpoints" / "last.ckpt"), _points(client, run.info.run_id),
-                        time.monotonic() - start)
+        refs[method] = (
+            _masks(root / "job" / "checkpoints" / "last.ckpt"),
+            _points(client, run.info.run_id),
+            time.monotonic() - start,
+        )
     survived = identical = lost = one_run = landed = 0
     for i in range(trials):
         method = methods[i % len(methods)]
@@ -104,14 +129,19 @@ def kills(work: Path, trials: int, rng: random.Random) -> None:
         same = ok and all(torch.equal(masks[k], v) for k, v in _masks(ckpt).items())
         missing = len(points - _points(client, runs[0].info.run_id)) if runs else len(points)
         survived, identical, lost, one_run = survived + ok, identical + same, lost + missing, one_run + (len(runs) == 1)
-        print(f"  kill {i + 1:2d}: {method:10s} killed {'in the fit' if inside else 'after it'}, resumed "
-              f"{'FINISHED' if ok else 'FAILED'}, masks {'identical' if same else 'DIFFER'}, {missing} points lost",
-              flush=True)
-    running = sum(len(_client(work / f"kill-{i}").search_runs(["1"], "attributes.status = 'RUNNING'"))
-                  for i in range(trials))
-    print(f"kills survived {survived}/{trials} (kill landed inside the fit {landed}/{trials}; methods "
-          f"{', '.join(methods)}), masks identical {identical}/{trials}, one MLflow run each {one_run}/{trials}, "
-          f"left RUNNING {running}, metric points lost {lost}")
+        print(
+            f"  kill {i + 1:2d}: {method:10s} killed {'in the fit' if inside else 'after it'}, resumed "
+            f"{'FINISHED' if ok else 'FAILED'}, masks {'identical' if same else 'DIFFER'}, {missing} points lost",
+            flush=True,
+        )
+    running = sum(
+        len(_client(work / f"kill-{i}").search_runs(["1"], "attributes.status = 'RUNNING'")) for i in range(trials)
+    )
+    print(
+        f"kills survived {survived}/{trials} (kill landed inside the fit {landed}/{trials}; methods "
+        f"{', '.join(methods)}), masks identical {identical}/{trials}, one MLflow run each {one_run}/{trials}, "
+        f"left RUNNING {running}, metric points lost {lost}"
+    )
 
 
 def signals(work: Path) -> None:
@@ -125,8 +155,10 @@ def signals(work: Path) -> None:
         code = proc.wait()
         seconds = time.monotonic() - sent
         (run,) = _client(root).search_runs(["1"])
-        print(f"{signum.name}: exit status {code} after {seconds:.1f} s, run {run.info.status} "
-              f"({run.data.tags.get('failure_reason')}), checkpoint {run.data.tags.get('prunelab.checkpoint')}")
+        print(
+            f"{signum.name}: exit status {code} after {seconds:.1f} s, run {run.info.status} "
+            f"({run.data.tags.get('failure_reason')}), checkpoint {run.data.tags.get('prunelab.checkpoint')}"
+        )
 
 
 _RAW_FIRST_USE = """
@@ -140,16 +172,23 @@ client = MlflowClient(tracking_uri=sys.argv[1])
 if client.get_experiment_by_name("prunelab") is None:
     client.create_experiment("prunelab")
 """
-_OUR_FIRST_USE = _RAW_FIRST_USE.split("client =")[0] + """
+_OUR_FIRST_USE = (
+    _RAW_FIRST_USE.split("client =")[0]
+    + """
 from prunelab.tracking.store import ensure_experiment
 ensure_experiment(sys.argv[1], "prunelab")
 """
+)
 
 
 def _first_use(uri: str, n: int, script: str, go: Path) -> int:
     """Processes that touch a fresh store at the same moment; returns how many exited 0."""
-    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, str(go)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        for _ in range(n)
+    ]
     for p in procs:
         p.stdout.readline()
     go.touch()
@@ -160,8 +199,10 @@ def parallel_sqlite(work: Path, n: int) -> None:
     raw = work / "raw" / "mlflow.db"
     raw.parent.mkdir(parents=True)
     ok = _first_use(f"sqlite:///{raw}", n, _RAW_FIRST_USE, work / "go-raw")
-    print(f"plain MLflow, {n} processes on a fresh SQLite file: {ok}/{n} finished, store afterwards: "
-          f"{'; '.join(schema_problems(raw)) or 'sound'}")
+    print(
+        f"plain MLflow, {n} processes on a fresh SQLite file: {ok}/{n} finished, store afterwards: "
+        f"{'; '.join(schema_problems(raw)) or 'sound'}"
+    )
     root = work / "parallel"
     start = time.monotonic()
     procs = [_train(root, *SMALL, f"seed={i % 3}", job=f"job-{i}", wait=False) for i in range(n)]
@@ -172,10 +213,12 @@ def parallel_sqlite(work: Path, n: int) -> None:
     expected = len(FINAL_METRICS) + 3 * 2  # final metrics + 3 curves × 2 epochs
     got = [len(set(FINAL_METRICS) & set(r.data.metrics)) + len(_points(client, r.info.run_id)) for r in runs]
     lost = expected * (n - len(runs)) + sum(expected - g for g in got)
-    print(f"parallel starts, SQLite: {codes.count(0)}/{n} training processes finished on a fresh file in "
-          f"{time.monotonic() - start:.0f} s; {len(runs)} runs ({sum(r.info.status == 'FINISHED' for r in runs)} "
-          f"FINISHED), metric values lost {lost} of {expected * n}; "
-          f"experiments: {experiments}")
+    print(
+        f"parallel starts, SQLite: {codes.count(0)}/{n} training processes finished on a fresh file in "
+        f"{time.monotonic() - start:.0f} s; {len(runs)} runs ({sum(r.info.status == 'FINISHED' for r in runs)} "
+        f"FINISHED), metric values lost {lost} of {expected * n}; "
+        f"experiments: {experiments}"
+    )
 
 
 # MLflow only (no torch: 32 of them must fit in memory); get-or-create the experiment as ensure_experiment does
@@ -209,20 +252,29 @@ def postgres_parts(work: Path, writers: int, first_users: int) -> None:
         return
     with postgres() as db:
         ok = _first_use(db, first_users, _OUR_FIRST_USE, work / "go-pg")
-        print(f"parallel starts, PostgreSQL database: {ok}/{first_users} processes finished their first use of a "
-              "fresh database (schema + experiment)")
+        print(
+            f"parallel starts, PostgreSQL database: {ok}/{first_users} processes finished their first use of a "
+            "fresh database (schema + experiment)"
+        )
     # a full run's record: every param and every metric point of one real run
     root = work / "record"
     assert _train(root, *SMALL).returncode == 0
     client = _client(root)
     (run,) = client.search_runs(["1"])
-    metrics = [(k, m.step, m.value, m.timestamp) for k in run.data.metrics
-               for m in client.get_metric_history(run.info.run_id, k)]
+    metrics = [
+        (k, m.step, m.value, m.timestamp)
+        for k in run.data.metrics
+        for m in client.get_metric_history(run.info.run_id, k)
+    ]
     (work / "record.json").write_text(json.dumps({"params": run.data.params, "metrics": metrics}))
     with postgres() as db, mlflow_server(db, work / "artifacts", workers=4) as url:
         start = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, "-c", _WRITER, url, str(work / "record.json"), str(i)],
-                                  stderr=subprocess.PIPE) for i in range(writers)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WRITER, url, str(work / "record.json"), str(i)], stderr=subprocess.PIPE
+            )
+            for i in range(writers)
+        ]
         outcomes = [p.communicate() for p in procs]
         codes = [p.returncode for p in procs]
         seconds = time.monotonic() - start
@@ -232,11 +284,18 @@ def postgres_parts(work: Path, writers: int, first_users: int) -> None:
         server = mlflow.MlflowClient(tracking_uri=url)
         experiments = [e.name for e in server.search_experiments() if e.name != "Default"]
         runs = server.search_runs([server.get_experiment_by_name("prunelab").experiment_id], max_results=1000)
-        lost = sum(len(metrics) - sum(len(server.get_metric_history(r.info.run_id, k)) for k in run.data.metrics)
-                   + len(run.data.params) - len(r.data.params) for r in runs)
-    print(f"parallel starts, PostgreSQL behind an MLflow server: {codes.count(0)}/{writers} writers finished in "
-          f"{seconds:.0f} s, each logging {len(run.data.params)} params and {len(metrics)} metric points; "
-          f"{len(runs)} runs, values lost {lost}; experiments: {experiments}")
+        lost = sum(
+            len(metrics)
+            - sum(len(server.get_metric_history(r.info.run_id, k)) for k in run.data.metrics)
+            + len(run.data.params)
+            - len(r.data.params)
+            for r in runs
+        )
+    print(
+        f"parallel starts, PostgreSQL behind an MLflow server: {codes.count(0)}/{writers} writers finished in "
+        f"{seconds:.0f} s, each logging {len(run.data.params)} params and {len(metrics)} metric points; "
+        f"{len(runs)} runs, values lost {lost}; experiments: {experiments}"
+    )
 
 
 def bad_inputs(work: Path) -> None:
@@ -245,23 +304,36 @@ def bad_inputs(work: Path) -> None:
     ckpt = ckpt_root / "job" / "checkpoints" / "last.ckpt"
     (work / "notes.ckpt").write_text("not a checkpoint")
     cases = [
-        ("dense.epochs", "dense.epochs=-1"), ("dense.epochs", "dense.epochs=0"), ("dense.epochs", "dense.epochs=1.5"),
-        ("finetune.epochs", "finetune.epochs=-1"), ("finetune.epochs", "finetune.epochs=0"),
-        ("finetune.epochs", "finetune.epochs=two"), ("pruning.compression", "pruning.compression=1e9"),
-        ("pruning.compression", "pruning.compression=1"), ("pruning.compression", "pruning.compression=abc"),
+        ("dense.epochs", "dense.epochs=-1"),
+        ("dense.epochs", "dense.epochs=0"),
+        ("dense.epochs", "dense.epochs=1.5"),
+        ("finetune.epochs", "finetune.epochs=-1"),
+        ("finetune.epochs", "finetune.epochs=0"),
+        ("finetune.epochs", "finetune.epochs=two"),
+        ("pruning.compression", "pruning.compression=1e9"),
+        ("pruning.compression", "pruning.compression=1"),
+        ("pruning.compression", "pruning.compression=abc"),
         ("pruning.compression", "pruning.granularity=filter pruning.compression=5000"),
-        ("seed", "seed=abc"), ("pruning.mode", "pruning.mode=sometimes"), ("rows", "pruning.granularity=rows"),
-        ("fc9", "pruning.layers=[fc1,fc9]"), ("batch_size", "data.batch_size=0"),
-        ("logger.connect_timeout", "logger.connect_timeout=0"), ("data/imagenet", "data=imagenet"),
+        ("seed", "seed=abc"),
+        ("pruning.mode", "pruning.mode=sometimes"),
+        ("rows", "pruning.granularity=rows"),
+        ("fc9", "pruning.layers=[fc1,fc9]"),
+        ("batch_size", "data.batch_size=0"),
+        ("logger.connect_timeout", "logger.connect_timeout=0"),
+        ("data/imagenet", "data=imagenet"),
         ("compresion", "pruning.compresion=4"),
-        ("ckpt_path", "ckpt_path=/nowhere/last.ckpt"), ("ckpt_path", f"ckpt_path={work / 'notes.ckpt'}"),
+        ("ckpt_path", "ckpt_path=/nowhere/last.ckpt"),
+        ("ckpt_path", f"ckpt_path={work / 'notes.ckpt'}"),
         ("ckpt_path", "pruning=none ckpt_path=/nowhere/last.ckpt"),
         ("ckpt_path", f"pruning=admm pruning.compression=4 ckpt_path={ckpt}"),
         ("ckpt_path", f"pruning.granularity=filter pruning.compression=4 ckpt_path={ckpt}"),
         ("ckpt_path", f"model=lenet5 pruning.compression=4 ckpt_path={ckpt}"),
         ("ckpt_path", f"finetune.epochs=3 pruning.compression=4 ckpt_path={ckpt}"),
-        ("seed", "seed=-1"), ("num_threads", "num_threads=-1"), ("num_threads", "num_threads=0"),
-        ("finetune.optimizer", "finetune.optimizer.lr=-1"), ("dense.optimizer", "dense.optimizer.lr=-1"),
+        ("seed", "seed=-1"),
+        ("num_threads", "num_threads=-1"),
+        ("num_threads", "num_threads=0"),
+        ("finetune.optimizer", "finetune.optimizer.lr=-1"),
+        ("dense.optimizer", "dense.optimizer.lr=-1"),
         ("trainer.strategy", "trainer.strategy=ddp_spawn"),
         ("MLFLOW_TRACKING_URI", "env:MLFLOW_TRACKING_URI=garbage://nowhere"),
         ("PRUNELAB_ROOT", "env:PRUNELAB_ROOT=/proc/forbidden"),
@@ -280,8 +352,11 @@ def bad_inputs(work: Path) -> None:
         ok = proc.returncode != 0 and named and clean
         rejected += ok
         last = [line for line in proc.stderr.splitlines() if key in line][-1:] or [""]
-        print(f"  {'rejected' if ok else 'NOT REJECTED'} {seconds:5.1f} s  {overrides.replace(str(work), '…')}: "
-              f"{last[0][:150].replace(str(work), '…')}" + ("" if clean else "  [store created]"), flush=True)
+        print(
+            f"  {'rejected' if ok else 'NOT REJECTED'} {seconds:5.1f} s  {overrides.replace(str(work), '…')}: "
+            f"{last[0][:150].replace(str(work), '…')}" + ("" if clean else "  [store created]"),
+            flush=True,
+        )
     print(f"bad inputs rejected {rejected}/{len(cases)} (non-zero exit, key named, no store / experiment / run)")
 
 
@@ -290,8 +365,9 @@ def ddp_kill(work: Path) -> None:
     import psutil
 
     root = work / "ddp-kill"
-    proc = _train(root, *SMALL, "finetune.epochs=20", "trainer=ddp", "trainer.accelerator=cpu", "num_threads=1",
-                  wait=False)
+    proc = _train(
+        root, *SMALL, "finetune.epochs=20", "trainer=ddp", "trainer.accelerator=cpu", "num_threads=1", wait=False
+    )
     _wait_for(root / "job" / "checkpoints" / "last.ckpt", proc)
     time.sleep(2)
     rank1 = next(c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("LOCAL_RANK") == "1")
@@ -303,8 +379,10 @@ def ddp_kill(work: Path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     gone = time.monotonic() - start
     (run,) = _client(root).search_runs(["1"])
-    print(f"  kill -9 of rank 1: every process gone in {gone:.1f} s, exit {proc.returncode}, run {run.info.status} "
-          f"({run.data.tags.get('failure_reason', '')[:100]})")
+    print(
+        f"  kill -9 of rank 1: every process gone in {gone:.1f} s, exit {proc.returncode}, run {run.info.status} "
+        f"({run.data.tags.get('failure_reason', '')[:100]})"
+    )
 
 
 def main() -> None:
@@ -315,13 +393,21 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=["kills", "signals", "parallel", "postgres", "bad", "ddp"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"MLflow {mlflow.__version__}", flush=True)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"MLflow {mlflow.__version__}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="prunelab-faults-") as tmp:
         work = Path(tmp)
-        steps = {"bad": lambda: bad_inputs(work), "parallel": lambda: parallel_sqlite(work, args.parallel),
-                 "postgres": lambda: postgres_parts(work, args.writers, 8), "signals": lambda: signals(work),
-                 "kills": lambda: kills(work, args.kills, random.Random(args.seed)), "ddp": lambda: ddp_kill(work)}
+        steps = {
+            "bad": lambda: bad_inputs(work),
+            "parallel": lambda: parallel_sqlite(work, args.parallel),
+            "postgres": lambda: postgres_parts(work, args.writers, 8),
+            "signals": lambda: signals(work),
+            "kills": lambda: kills(work, args.kills, random.Random(args.seed)),
+            "ddp": lambda: ddp_kill(work),
+        }
         for name in args.only:
             start = time.monotonic()
             steps[name]()

@@ -49,8 +49,9 @@ PAPERS = [
     Paper("Dynamic Network Surgery", 108, None, "no accuracy loss", "Guo et al., NIPS 2016, arXiv 1608.04493"),
     Paper("unified ADMM framework", 167, 1910, "no accuracy loss", "Ye et al. 2018, arXiv 1811.01907 (abstract)"),
     Paper("progressive ADMM", 246, None, "(almost) no accuracy loss", "Ye et al. 2019, arXiv 1903.09769 (abstract)"),
-    Paper("Sparse VD", 280, None, "negligible loss (LeNet-5, up to 280×)", "Molchanov et al., ICML 2017, "
-          "arXiv 1701.05369"),
+    Paper(
+        "Sparse VD", 280, None, "negligible loss (LeNet-5, up to 280×)", "Molchanov et al., ICML 2017, arXiv 1701.05369"
+    ),
     Paper("AutoPrune", 310, None, "no accuracy drop", "Xiao, Wang, Rajasekaran, NeurIPS 2019"),
 ]
 
@@ -67,12 +68,23 @@ class Row:
         return [f"pruning.quantize={{bits: {self.bits}}}"] if self.bits else []
 
 
-ROWS = {r.key: r for r in [
-    Row("71", "admm", 71.2), Row("85", "admm", 85), Row("108", "admm", 108), Row("167", "admm", 167),
-    Row("246", "admm", 246), Row("280", "admm", 280), Row("310", "admm", 310), Row("500", "admm", 500),
-    Row("1000", "admm", 1000), Row("slr1000", "slr", 1000),
-    Row("q500", "admm", 500, 3), Row("q1000", "admm", 1000, 3),
-]}
+ROWS = {
+    r.key: r
+    for r in [
+        Row("71", "admm", 71.2),
+        Row("85", "admm", 85),
+        Row("108", "admm", 108),
+        Row("167", "admm", 167),
+        Row("246", "admm", 246),
+        Row("280", "admm", 280),
+        Row("310", "admm", 310),
+        Row("500", "admm", 500),
+        Row("1000", "admm", 1000),
+        Row("slr1000", "slr", 1000),
+        Row("q500", "admm", 500, 3),
+        Row("q1000", "admm", 1000, 3),
+    ]
+}
 DEFAULT_ROWS = ["71", "167", "310", "500", "1000", "q500"]
 BARS = {71.2: 0.5, 167: 0.5, 310: 0.5, 500: 0.5, 1000: 1.0}  # the issue's: at most this far below dense
 
@@ -103,19 +115,33 @@ def finished(root: Path, row: Row, data: str) -> dict[int, object]:
     mlflow.set_tracking_uri(f"sqlite:///{db}")
     if mlflow.get_experiment_by_name(experiment(row)) is None:
         return {}
-    runs = mlflow.search_runs(experiment_names=[experiment(row)], output_format="list",
-                              filter_string=f"params.dataset = '{data}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        experiment_names=[experiment(row)],
+        output_format="list",
+        filter_string=f"params.dataset = '{data}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+    )
     return {int(r.data.params["seed"]): r for r in runs}
 
 
 def run(root: Path, row: Row, seed: int, overrides: list[str], env: dict[str, str]) -> None:
     data = data_of(overrides)
-    cmd = [sys.executable, "-m", "prunelab.train", f"data={data}", f"model={choice(overrides, 'model', 'lenet5')}",
-           f"pruning={row.method}",
-           f"pruning.compression={row.ratio:g}", f"seed={seed}", f"logger.experiment_name={experiment(row)}",
-           "measure.latency=false", "logger.log_model=false", f"hydra.run.dir={run_dir(root, data, row, seed)}",
-           *row.overrides, *(o for o in overrides if not o.startswith(("data=", "model=")))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        f"data={data}",
+        f"model={choice(overrides, 'model', 'lenet5')}",
+        f"pruning={row.method}",
+        f"pruning.compression={row.ratio:g}",
+        f"seed={seed}",
+        f"logger.experiment_name={experiment(row)}",
+        "measure.latency=false",
+        "logger.log_model=false",
+        f"hydra.run.dir={run_dir(root, data, row, seed)}",
+        *row.overrides,
+        *(o for o in overrides if not o.startswith(("data=", "model="))),
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -149,8 +175,10 @@ def steps_of(runs, ratio: float) -> str:
     """The progressive steps the runs took, as " (steps 8.4×, 71.2×)", or "" for one stage."""
     from prunelab.pruning.schedules import progressive_ratios
 
-    kinds = {(r.data.params.get("pruning.progressive", "None"), r.data.params.get("pruning.progressive_max_step"))
-             for r in runs}
+    kinds = {
+        (r.data.params.get("pruning.progressive", "None"), r.data.params.get("pruning.progressive_max_step"))
+        for r in runs
+    }
     if len(kinds) != 1:
         return " (mixed schedules)" if kinds else ""
     mode, max_step = kinds.pop()
@@ -172,15 +200,23 @@ def fmt(values: list[float]) -> str:
 
 
 def report(root: Path, rows: list[Row], data: str, seeds: list[int]) -> list[str]:
-    lines = ["Papers (LeNet-5 on MNIST, as each reports it):", "",
-             "| method | pruning | storage | accuracy | source |", "| --- | ---: | ---: | --- | --- |"]
+    lines = [
+        "Papers (LeNet-5 on MNIST, as each reports it):",
+        "",
+        "| method | pruning | storage | accuracy | source |",
+        "| --- | ---: | ---: | --- | --- |",
+    ]
     for p in PAPERS:
         storage = f"{p.storage:,.0f}×" if p.storage else "—"
         lines.append(f"| {p.method} | {p.ratio:g}× | {storage} | {p.result} | {p.source} |")
-    lines += ["", f"prunelab on {data}/lenet5 at its defaults (seeds {' '.join(map(str, seeds))}):", "",
-              "| ratio | run | seeds | test acc (%) | dense (%) | drop | epochs | storage all / weights | "
-              "papers at this ratio |",
-              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [
+        "",
+        f"prunelab on {data}/lenet5 at its defaults (seeds {' '.join(map(str, seeds))}):",
+        "",
+        "| ratio | run | seeds | test acc (%) | dense (%) | drop | epochs | storage all / weights | "
+        "papers at this ratio |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     bars = []
     for row in rows:
         runs = {s: r for s, r in finished(root, row, data).items() if s in seeds}
@@ -194,11 +230,16 @@ def report(root: Path, rows: list[Row], data: str, seeds: list[int]) -> list[str
             everything = [r.data.metrics.get("storage_compression", float("nan")) for r in runs.values()]
             weights = [weight_storage(run_dir(root, data, row, s), row.bits) for s in runs]
             weights = [w for w in weights if w is not None]
-            storage = f"{statistics.mean(everything):,.0f}× / " + (f"{statistics.mean(weights):,.0f}×" if weights
-                                                                   else "—") if everything else "—"
+            storage = (
+                f"{statistics.mean(everything):,.0f}× / " + (f"{statistics.mean(weights):,.0f}×" if weights else "—")
+                if everything
+                else "—"
+            )
         papers = ", ".join(f"{p.method} {p.ratio:g}×" for p in PAPERS if abs(p.ratio - row.ratio) / row.ratio < 0.05)
-        lines.append(f"| {row.ratio:g}× | {name} | {len(runs)} | {fmt(acc)} | {fmt(dense)} | {fmt(drop)} | "
-                     f"{'/'.join(epochs) or '—'} | {storage} | {papers or '—'} |")
+        lines.append(
+            f"| {row.ratio:g}× | {name} | {len(runs)} | {fmt(acc)} | {fmt(dense)} | {fmt(drop)} | "
+            f"{'/'.join(epochs) or '—'} | {storage} | {papers or '—'} |"
+        )
         bar = BARS.get(row.ratio)
         if bar is not None and acc and not row.bits:
             mean_drop = statistics.mean(drop)
@@ -206,8 +247,10 @@ def report(root: Path, rows: list[Row], data: str, seeds: list[int]) -> list[str
             bars.append(f"{row.ratio:g}× ({row.method}): mean drop {mean_drop:.2f} points, bar {bar:g}: {verdict}")
         if row.bits and acc:
             mean_drop = statistics.mean(drop)
-            bars.append(f"{row.ratio:g}× {row.bits}-bit: mean drop {mean_drop:.2f} points (bar 1): "
-                        f"{'met' if mean_drop <= 1 else 'NOT met'}")
+            bars.append(
+                f"{row.ratio:g}× {row.bits}-bit: mean drop {mean_drop:.2f} points (bar 1): "
+                f"{'met' if mean_drop <= 1 else 'NOT met'}"
+            )
     return lines + [""] + bars
 
 

@@ -34,8 +34,13 @@ def channel_pruned(dense: torch.nn.Module, ratio: float, round_to: int | None = 
     net = copy.deepcopy(dense)
     head = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
     pruner = tp.pruner.MagnitudePruner(
-        net, torch.zeros(SHAPE), importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-        global_pruning=False, ignored_layers=[head], round_to=round_to,
+        net,
+        torch.zeros(SHAPE),
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        global_pruning=False,
+        ignored_layers=[head],
+        round_to=round_to,
     )
     pruner.step()
     return net.eval()
@@ -70,8 +75,12 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=5, help="interleaved dense/pruned blocks")
     parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per model and block")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="round pruned channel counts to multiples of this (default: 8 on cuda, off on cpu)")
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="round pruned channel counts to multiples of this (default: 8 on cuda, off on cpu)",
+    )
     parser.add_argument("--mode", choices=GPU_MODES, default="graph", help="cuda: CUDA-graph replay or eager")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="cuda: autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="cuda: NHWC weights and inputs")
@@ -88,8 +97,10 @@ def main() -> None:
     cols = " | ".join(f"speedup b{b}" for b in batch_sizes)
     ratio_cols = " | ".join(f"speedup ÷ MACs red. b{b}" for b in batch_sizes)
     if cuda:
-        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}, "
-              f"channels_last {args.channels_last}, channel counts rounded to {round_to or 'nothing'}")
+        print(
+            f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}, "
+            f"channels_last {args.channels_last}, channel counts rounded to {round_to or 'nothing'}"
+        )
     else:
         print(f"machine: {cpu_name()}, torch {torch.__version__}")
     print(f"| model | target | MACs reduction | {cols} | {ratio_cols} | {'mode' if cuda else 'threads'} |")
@@ -99,12 +110,22 @@ def main() -> None:
         for target in args.targets:
             pruned, reduction = pruned_at(dense, target, round_to=round_to)
             if cuda:
-                res = gpu_latency(dense, pruned, torch.zeros(SHAPE), batch_sizes, args.blocks, args.min_run_time,
-                                  args.mode, args.dtype, args.channels_last)
+                res = gpu_latency(
+                    dense,
+                    pruned,
+                    torch.zeros(SHAPE),
+                    batch_sizes,
+                    args.blocks,
+                    args.min_run_time,
+                    args.mode,
+                    args.dtype,
+                    args.channels_last,
+                )
                 last = res.params["latency_gpu_mode"]
             else:
-                res = cpu_latency(dense, pruned, torch.zeros(SHAPE), batch_sizes, args.blocks, args.threads,
-                                  args.min_run_time)
+                res = cpu_latency(
+                    dense, pruned, torch.zeros(SHAPE), batch_sizes, args.blocks, args.threads, args.min_run_time
+                )
                 last = str(int(res.metrics["latency_cpu_threads"]))
             speed = [res.metrics[f"speedup_{args.device.replace('cuda', 'gpu')}_b{b}"] for b in batch_sizes]
             cells = [f"{s:.2f}" for s in speed] + [f"{s / reduction:.2f}" for s in speed]

@@ -37,10 +37,23 @@ def methods_available() -> list[str]:
 
 def run_cell(cell: str, args, env: dict[str, str]) -> None:
     data, model = cell.split("/")
-    cmd = [sys.executable, "-m", "prunelab.train", "-m", f"data={data}", f"model={model}",
-           f"pruning={','.join(args.methods)}", f"pruning.compression={','.join(map(str, args.ratios))}",
-           f"seed={','.join(map(str, args.seeds))}", f"logger.experiment_name={EXPERIMENT}", "measure.latency=false",
-           "logger.log_model=false", "hydra/launcher=local_parallel", "num_threads=1", *args.overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        "-m",
+        f"data={data}",
+        f"model={model}",
+        f"pruning={','.join(args.methods)}",
+        f"pruning.compression={','.join(map(str, args.ratios))}",
+        f"seed={','.join(map(str, args.seeds))}",
+        f"logger.experiment_name={EXPERIMENT}",
+        "measure.latency=false",
+        "logger.log_model=false",
+        "hydra/launcher=local_parallel",
+        "num_threads=1",
+        *args.overrides,
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -72,8 +85,10 @@ def load(*roots: Path):
 def table(runs, methods, ratios) -> tuple[list[str], list[str]]:
     """Markdown lines, and the bars the issue sets, checked."""
     cells = [c for c in CELLS if c in set(runs["cell"])]
-    lines = ["| method | ratio | " + " | ".join(cells) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |"]
+    lines = [
+        "| method | ratio | " + " | ".join(cells) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in cells) + " |",
+    ]
     dense = {c: runs[(runs["cell"] == c) & (runs["status"] == "FINISHED")]["dense"].mean() for c in cells}
     lines.append("| dense | — | " + " | ".join(f"{dense[c]:.2f}" for c in cells) + " |")
     means, bars = {}, []
@@ -121,8 +136,12 @@ def main() -> None:
     parser.add_argument("--ratios", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--root", nargs="+", default=[str(ROOT / "outputs" / "bench_robustness")],
-                        help="where the runs go (the first root); --report reads them all, later roots first")
+    parser.add_argument(
+        "--root",
+        nargs="+",
+        default=[str(ROOT / "outputs" / "bench_robustness")],
+        help="where the runs go (the first root); --report reads them all, later roots first",
+    )
     parser.add_argument("--report", action="store_true", help="only print the table of the runs recorded")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
@@ -141,9 +160,13 @@ def main() -> None:
     if runs.empty:
         raise SystemExit("no runs recorded")
     lines, bars = table(runs, args.methods, [float(r) for r in args.ratios])
-    print("\ntest accuracy (%), mean ± std over seeds", args.seeds, "— C: > 10 points below dense; k/n: runs tagged "
-          "collapsed; F: a run failed; →N×: compression after compaction, where more than twice the ratio; "
-          "unreachable: the ratio was rejected before training")
+    print(
+        "\ntest accuracy (%), mean ± std over seeds",
+        args.seeds,
+        "— C: > 10 points below dense; k/n: runs tagged "
+        "collapsed; F: a run failed; →N×: compression after compaction, where more than twice the ratio; "
+        "unreachable: the ratio was rejected before training",
+    )
     print("\n".join(lines))
     print("\nbars:", "all met" if not bars else "")
     for bar in bars:

@@ -24,8 +24,15 @@ from prunelab.tracking import ui_pages
 from prunelab.tracking.report import find_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-SWEEP = ["data=digits", "model=lenet300", "dense.epochs=10", "finetune.epochs=4", "pruning=magnitude,admm",
-         "pruning.compression=2,4,8,16,32", "seed=0,1"]
+SWEEP = [
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=10",
+    "finetune.epochs=4",
+    "pruning=magnitude,admm",
+    "pruning.compression=2,4,8,16,32",
+    "seed=0,1",
+]
 
 
 def run_sweep(root: Path) -> None:
@@ -34,8 +41,9 @@ def run_sweep(root: Path) -> None:
     command = [sys.executable, "-m", "prunelab.train", "-m", *SWEEP]
     print("$", " ".join(command), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(root)}, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        command, cwd=ROOT, env={**os.environ, "PRUNELAB_ROOT": str(root)}, check=True, stdout=subprocess.DEVNULL
+    )
     print(f"sweep: {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -63,8 +71,10 @@ def main() -> None:
         ui_pages.open_report(page, base, experiment, parent)
         page.wait_for_timeout(1000)
         page.screenshot(path=str(out / "mlflow_report.png"))
-    shutil.copyfile(Path(mlflow.artifacts.download_artifacts(f"runs:/{parent}/report/accuracy.png", tracking_uri=uri)),
-                    out / "report_accuracy.png")
+    shutil.copyfile(
+        Path(mlflow.artifacts.download_artifacts(f"runs:/{parent}/report/accuracy.png", tracking_uri=uri)),
+        out / "report_accuracy.png",
+    )
     print(f"sweep {sweep_id}: {', '.join(sorted(p.name for p in out.glob('*.png')))} in {out}")
 
 

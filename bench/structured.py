@@ -48,11 +48,26 @@ def parse_cell(text: str) -> tuple[str, str, list[str]]:
 
 def sweep(root: Path, data: str, model: str, method: str, ratios: list[str], args, extra: list[str]) -> None:
     """One multirun of the real CLI: ``method`` × ``ratios`` × seeds on one cell."""
-    cmd = [sys.executable, "-m", "prunelab.train", "-m", f"data={data}", f"model={model}", f"pruning={method}",
-           f"pruning.compression={','.join(ratios)}", f"seed={','.join(map(str, args.seeds))}",
-           f"pruning.granularity={args.granularity}", f"pruning.scope={args.scope}", f"finetune.epochs={args.epochs}",
-           "hydra/launcher=local_parallel", "num_threads=1", f"logger.experiment_name={EXPERIMENT}",
-           "logger.log_model=false", "+hydra.callbacks.mlflow_setup.report=false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        "-m",
+        f"data={data}",
+        f"model={model}",
+        f"pruning={method}",
+        f"pruning.compression={','.join(ratios)}",
+        f"seed={','.join(map(str, args.seeds))}",
+        f"pruning.granularity={args.granularity}",
+        f"pruning.scope={args.scope}",
+        f"finetune.epochs={args.epochs}",
+        "hydra/launcher=local_parallel",
+        "num_threads=1",
+        f"logger.experiment_name={EXPERIMENT}",
+        "logger.log_model=false",
+        "+hydra.callbacks.mlflow_setup.report=false",
+        *extra,
+    ]
     env = {**os.environ, "PRUNELAB_ROOT": str(root), "PRUNELAB_JOBS": str(args.jobs)}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -91,21 +106,27 @@ def table(root: Path) -> str:
     failed = runs[runs["status"] != "FINISHED"]
     runs = runs[runs["status"] == "FINISHED"]
     lines = []
-    columns = {"compression": fmt, "test_acc": fmt, "macs_reduction": fmt, "speedup_cpu_b1": fmt_median,
-               "speedup_cpu_b64": fmt_median}
+    columns = {
+        "compression": fmt,
+        "test_acc": fmt,
+        "macs_reduction": fmt,
+        "speedup_cpu_b1": fmt_median,
+        "speedup_cpu_b64": fmt_median,
+    }
     for (data, model), cell in runs.groupby(["dataset", "model"], sort=False):
         dense_acc = fmt(list(cell.drop_duplicates("seed")["dense_test_acc"]))
-        lines += [f"\n{data} / {model} — dense test accuracy {dense_acc} % (seeds "
-                  f"{', '.join(sorted(cell['seed'].unique()))})",
-                  "| method | requested | achieved | test acc (%) | MACs reduction | CPU speed-up b1, median | "
-                  "CPU speed-up b64, median |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"\n{data} / {model} — dense test accuracy {dense_acc} % (seeds "
+            f"{', '.join(sorted(cell['seed'].unique()))})",
+            "| method | requested | achieved | test acc (%) | MACs reduction | CPU speed-up b1, median | "
+            "CPU speed-up b64, median |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for (method, ratio), rows in cell.groupby(["method", "compression_target"]):
             cells = [f(list(rows[c])) for c, f in columns.items()]
             lines.append(f"| {method} | {ratio:g}× | " + " | ".join(cells) + " |")
     for _, row in failed.iterrows():
-        lines.append(f"FAILED {row['method']} {row['compression_target']}× seed {row['seed']}: "
-                     f"{row['failure_reason']}")
+        lines.append(f"FAILED {row['method']} {row['compression_target']}× seed {row['seed']}: {row['failure_reason']}")
     return "\n".join(lines)
 
 
@@ -116,11 +137,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6, help="finetune.epochs, the same for every method")
     parser.add_argument("--granularity", default="column")
-    parser.add_argument("--scope", default="layer", choices=["layer", "global"],
-                        help="how compression becomes per-layer counts, the same for every method")
+    parser.add_argument(
+        "--scope",
+        default="layer",
+        choices=["layer", "global"],
+        help="how compression becomes per-layer counts, the same for every method",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="parallel jobs of each multirun")
-    parser.add_argument("--set", nargs="+", action="append", default=[], metavar=("METHOD", "OVERRIDE"),
-                        help="extra Hydra overrides for one method's runs (repeatable)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="append",
+        default=[],
+        metavar=("METHOD", "OVERRIDE"),
+        help="extra Hydra overrides for one method's runs (repeatable)",
+    )
     parser.add_argument("--quick", action="store_true", help="seed 0 and the middle ratio of each cell")
     parser.add_argument("--root", help="PRUNELAB_ROOT to use and keep (default: a fresh temporary folder)")
     args = parser.parse_args()
@@ -140,11 +171,16 @@ def main() -> None:
         for data, model, ratios in cells:
             for method in args.methods:
                 sweep(root, data, model, method, ratios, args, overrides.get(method, []))
-                print(f"  {data}/{model} {method}: done ({time.perf_counter() - start:.0f} s)", file=sys.stderr,
-                      flush=True)
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-              f"granularity {args.granularity}, scope {args.scope}, finetune.epochs={args.epochs}, "
-              f"{args.jobs} jobs × 1 thread")
+                print(
+                    f"  {data}/{model} {method}: done ({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"granularity {args.granularity}, scope {args.scope}, finetune.epochs={args.epochs}, "
+            f"{args.jobs} jobs × 1 thread"
+        )
         for method, extra in overrides.items():
             print(f"{method} overrides: {' '.join(extra)}")
         print(table(root))

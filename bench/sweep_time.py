@@ -37,8 +37,10 @@ def main() -> None:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
         table = mlflow.artifacts.load_text(f"runs:/{parents[0].info.run_id}/report/table.md")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"methods: {', '.join(methods)}; grid {grid} jobs; child runs recorded: {len(children)} "
-          f"({sum(c.info.status == 'FINISHED' for c in children)} finished)")
+    print(
+        f"methods: {', '.join(methods)}; grid {grid} jobs; child runs recorded: {len(children)} "
+        f"({sum(c.info.status == 'FINISHED' for c in children)} finished)"
+    )
     print(f"`make sweep` wall time: {seconds / 60:.1f} min\n")
     print(table)
 

@@ -19,9 +19,24 @@ import urllib.request
 
 SETTINGS = {  # name -> command, given the store and the port
     "mlflow ui (default: 4 workers, job runner)": lambda uri, port: [
-        "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)],
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ],
     "make ui (1 worker, no job runner)": lambda uri, port: [
-        "-m", "prunelab.tracking.ui", "--backend-store-uri", uri, "--port", str(port)],
+        "-m",
+        "prunelab.tracking.ui",
+        "--backend-store-uri",
+        uri,
+        "--port",
+        str(port),
+    ],
 }
 
 
@@ -29,8 +44,7 @@ def start_time(name: str, port: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, *SETTINGS[name](f"sqlite:///{tmp}/mlflow.db", port)]
         start = time.perf_counter()
-        server = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             while True:
                 try:

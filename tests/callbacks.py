@@ -15,15 +15,36 @@ OPTIMIZERS = {
 }
 
 
-def fit_digits(net, pruning, optimizer=OPTIMIZERS["adam"], epochs=3, callbacks=(), ckpt_path=None, ckpt=False, seed=0,
-               scheduler=None, **trainer_kwargs):
+def fit_digits(
+    net,
+    pruning,
+    optimizer=OPTIMIZERS["adam"],
+    epochs=3,
+    callbacks=(),
+    ckpt_path=None,
+    ckpt=False,
+    seed=0,
+    scheduler=None,
+    **trainer_kwargs,
+):
     """Seeds, then fits ``Classifier(net)`` on the digits (batch 128, CPU) with ``pruning``; returns the trainer."""
     pl.seed_everything(seed, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0, **trainer_kwargs)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer, scheduler=scheduler),
-                datamodule=DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=ckpt,
+        callbacks=[pruning, *callbacks],
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=optimizer, scheduler=scheduler),
+        datamodule=DigitsDataModule(batch_size=128),
+        ckpt_path=ckpt_path,
+    )
     return trainer
 
 

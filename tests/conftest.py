@@ -24,8 +24,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # small, fast defaults for integration tests: 8×8 digits, LeNet-300-100, short schedules
-FAST = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=2", "logger.log_model=false",
-        "measure.onnx=false"]
+FAST = [
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=2",
+    "finetune.epochs=2",
+    "logger.log_model=false",
+    "measure.onnx=false",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,8 +50,11 @@ def _migrated_sqlite_stores(tmp_path_factory):
     engine.dispose()
 
     def initialize(engine) -> None:
-        if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:") or (
-                sqlalchemy.inspect(engine).get_table_names()):
+        if (
+            engine.dialect.name != "sqlite"
+            or engine.url.database in (None, "", ":memory:")
+            or (sqlalchemy.inspect(engine).get_table_names())
+        ):
             return migrate(engine)
         with sqlite3.connect(template) as source, engine.connect() as connection:
             source.backup(connection.connection.driver_connection)
@@ -72,9 +81,13 @@ def make_cfg(tmp_path, cache_root, monkeypatch):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(
                 config_name="train",
-                overrides=[*(FAST if fast else []), *overrides,
-                           f"paths.root_dir={tmp_path}", f"paths.run_dir={tmp_path}/run",
-                           f"paths.cache_dir={cache_root}"],
+                overrides=[
+                    *(FAST if fast else []),
+                    *overrides,
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.run_dir={tmp_path}/run",
+                    f"paths.cache_dir={cache_root}",
+                ],
                 return_hydra_config=True,
             )
         HydraConfig.instance().set_config(cfg)

@@ -66,8 +66,9 @@ def _ratio(pruning: PruningCallback) -> float:
 def test_registered_and_built_from_its_config(monkeypatch):
     """What shipping it means: an entry in METHODS and a config node with ``_target_`` (conf/pruning/taylor.yaml)."""
     monkeypatch.setitem(METHODS, "taylor", TaylorPruning)
-    node = OmegaConf.create({"_target_": f"{__name__}.TaylorPruning", "compression": 8, "frequency": 4,
-                             "scope": "layer", "exclude": []})
+    node = OmegaConf.create(
+        {"_target_": f"{__name__}.TaylorPruning", "compression": 8, "frequency": 4, "scope": "layer", "exclude": []}
+    )
     pruning = hydra.utils.instantiate(node)
     assert isinstance(pruning, METHODS["taylor"]) and isinstance(pruning, PruningCallback)
     assert (pruning.compression, pruning.frequency, pruning.scope) == (8, 4, "layer")

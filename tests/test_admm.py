@@ -9,11 +9,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, fit_digits, same_init
+from prunelab.measure.storage import save_sparse
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, ADMMPruning, groups
 from prunelab.pruning.quantize import load_quantized, quantize
-from prunelab.measure.storage import save_sparse
 
 PAPER_TABLE = {"conv1": 0.8, "conv2": 0.92, "fc1": 0.991, "fc2": 0.93}  # Zhang et al. 2018, LeNet-5
 
@@ -123,7 +123,8 @@ def test_no_regrowth_in_retrain_phase(opt):
     assert abs(_compression(pruning) - 10) / 10 < 0.02
     assert 0.0 <= pruning.acc_after_hard_prune <= 1.0  # a fraction, like val/acc
     assert {"admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune"} <= set(
-        trainer.callback_metrics)
+        trainer.callback_metrics
+    )
 
 
 def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
@@ -135,8 +136,14 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
     fit_digits(fresh(), full, opt, epochs=4)
     first = ADMMPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, opt, epochs=4, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+        fit_digits(
+            fresh(),
+            first,
+            opt,
+            epochs=4,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+        )
     assert first.phase == "prune" and first.last_update > 0 and first.rho > first.rho0  # killed mid-ADMM
     saved = {k: {n: t.clone() for n, t in getattr(first, k).items()} for k in ("Z", "U")}
     resumed, seen = ADMMPruning(**kwargs), {}
@@ -146,8 +153,15 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
             seen.update({k: {n: t.clone() for n, t in getattr(resumed, k).items()} for k in ("Z", "U")})
             seen["rho"], seen["last"] = resumed.rho, resumed.last_update
 
-    fit_digits(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        opt,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     for k in ("Z", "U"):
         assert all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert (seen["rho"], seen["last"]) == (first.rho, first.last_update)
@@ -178,8 +192,9 @@ def test_masked_retraining_restarts_the_optimizer_and_the_cosine_schedule(retrai
     else:
         assert lr == before and steps == {float(prune_step + 1)}
     assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
-    assert all(int(m.weight.detach()[~pruning.masks.masks[n]].count_nonzero()) == 0
-               for n, m in pruning.masks.modules.items())
+    assert all(
+        int(m.weight.detach()[~pruning.masks.masks[n]].count_nonzero()) == 0 for n, m in pruning.masks.modules.items()
+    )
 
 
 def test_resume_after_the_restart_keeps_the_restarted_schedule(tmp_path):
@@ -193,18 +208,32 @@ def test_resume_after_the_restart_keeps_the_restarted_schedule(tmp_path):
         class Peek(pl.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
                 lrs[key][trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
         return Peek()
 
     full = ADMMPruning(**kwargs)
     fit_digits(fresh(), full, epochs=6, scheduler=cosine, callbacks=[peek("full")])
     first = ADMMPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, epochs=6, scheduler=cosine, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(4)])
+        fit_digits(
+            fresh(),
+            first,
+            epochs=6,
+            scheduler=cosine,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(4)],
+        )
     assert first.done  # killed in the masked retraining, after the restart
     resumed = ADMMPruning(**kwargs)
-    fit_digits(fresh(), resumed, epochs=6, scheduler=cosine, ckpt=True, ckpt_path=tmp_path / "last.ckpt",
-               callbacks=[peek("resumed"), ModelCheckpoint(dirpath=tmp_path / "b")])
+    fit_digits(
+        fresh(),
+        resumed,
+        epochs=6,
+        scheduler=cosine,
+        ckpt=True,
+        ckpt_path=tmp_path / "last.ckpt",
+        callbacks=[peek("resumed"), ModelCheckpoint(dirpath=tmp_path / "b")],
+    )
     assert lrs["resumed"] and all(lr == pytest.approx(lrs["full"][step]) for step, lr in lrs["resumed"].items())
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
 
@@ -228,21 +257,24 @@ def test_quantized_weights_stay_on_levels_and_zeros(tmp_path):
     assert size < save_sparse(net, tmp_path / "generic.npz", list(pruning.masks.modules)) / 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"rho": 0}, r"pruning.rho=0 must be a number > 0"),
-    ({"rho": -1e-3}, r"pruning.rho=-0.001"),
-    ({"rho_growth": 0.5}, r"pruning.rho_growth=0.5"),
-    ({"rho": 0.1, "rho_max": 0.01}, r"pruning.rho_max=0.01"),
-    ({"update_every": 0}, r"pruning.update_every=0"),
-    ({"update_unit": "minutes"}, r"pruning.update_unit='minutes'"),
-    ({"admm_fraction": 0.0}, r"pruning.admm_fraction=0.0"),
-    ({"retrain": "rewind"}, r"pruning.retrain='rewind' is not one of: restart, continue"),
-    ({"quantize": {"bits": 1}}, r"pruning.quantize.bits=1 must be an integer in \[2, 16\]"),
-    ({"quantize": {"bits": {"fc1": 1}}}, r"pruning.quantize.bits.fc1=1"),
-    ({"quantize": {"bitz": 4}}, r"\['bitz'\] in pruning.quantize"),
-    ({"quantize": {"bits": 4, "levels_per_side": 7}}, r"exactly one of bits / levels_per_side"),
-    ({"tau": 3}, r"Unknown ADMM option\(s\) \['tau'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rho": 0}, r"pruning.rho=0 must be a number > 0"),
+        ({"rho": -1e-3}, r"pruning.rho=-0.001"),
+        ({"rho_growth": 0.5}, r"pruning.rho_growth=0.5"),
+        ({"rho": 0.1, "rho_max": 0.01}, r"pruning.rho_max=0.01"),
+        ({"update_every": 0}, r"pruning.update_every=0"),
+        ({"update_unit": "minutes"}, r"pruning.update_unit='minutes'"),
+        ({"admm_fraction": 0.0}, r"pruning.admm_fraction=0.0"),
+        ({"retrain": "rewind"}, r"pruning.retrain='rewind' is not one of: restart, continue"),
+        ({"quantize": {"bits": 1}}, r"pruning.quantize.bits=1 must be an integer in \[2, 16\]"),
+        ({"quantize": {"bits": {"fc1": 1}}}, r"pruning.quantize.bits.fc1=1"),
+        ({"quantize": {"bitz": 4}}, r"\['bitz'\] in pruning.quantize"),
+        ({"quantize": {"bits": 4, "levels_per_side": 7}}, r"exactly one of bits / levels_per_side"),
+        ({"tau": 3}, r"Unknown ADMM option\(s\) \['tau'\]"),
+    ],
+)
 def test_bad_hyperparameters_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ADMMPruning(compression=8, **kwargs)
@@ -271,6 +303,8 @@ def test_train_records_admm_curves_in_mlflow(make_cfg, tmp_path):
     assert abs(metrics["compression"] - 4) / 4 < 0.02
     (run,) = runs_in(tmp_path)
     assert run.data.params["method"] == "admm"
-    history = {k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k) for k in
-               ("admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune", "train/sparsity")}
+    history = {
+        k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k)
+        for k in ("admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune", "train/sparsity")
+    }
     assert all(history.values()), {k: len(v) for k, v in history.items()}

@@ -1,4 +1,5 @@
-"""AutoPrune: the gates' gradient rule by hand, exact compression, recoverable gating, no regrowth, resume, bad input."""
+"""AutoPrune: the gates' gradient rule by hand, exact compression, recoverable gating, no regrowth, resume,
+bad input."""
 
 import pytest
 import pytorch_lightning as pl
@@ -6,7 +7,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, achieved, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, achieved, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, AutoPrune
 
@@ -33,11 +34,13 @@ def test_gate_gradient_rule_by_hand():
     expected = torch.tensor([[0.2, -0.4, -0.06], [-0.1, -0.5, -0.3]]).reshape(2, 3, 1)
     torch.testing.assert_close(cb.gate_gradients()["0"], expected)
     cb.ste = "identity"
-    torch.testing.assert_close(cb.gate_gradients()["0"], torch.tensor([[0.2, -0.4, -0.6], [-1.0, -0.5, -0.3]])
-                               .reshape(2, 3, 1))
+    torch.testing.assert_close(
+        cb.gate_gradients()["0"], torch.tensor([[0.2, -0.4, -0.6], [-1.0, -0.5, -0.3]]).reshape(2, 3, 1)
+    )
     cb.ste, cb.reg = "leaky_relu", 0.5  # + μ · mean|task term| (= 3.0/6) · STE′
-    torch.testing.assert_close(cb.gate_gradients()["0"], expected + 0.25 * torch.tensor(
-        [[1.0, 1.0, 0.1], [0.1, 1.0, 1.0]]).reshape(2, 3, 1))
+    torch.testing.assert_close(
+        cb.gate_gradients()["0"], expected + 0.25 * torch.tensor([[1.0, 1.0, 0.1], [0.1, 1.0, 1.0]]).reshape(2, 3, 1)
+    )
 
 
 def test_filter_gate_gradient_sums_its_row():
@@ -143,8 +146,13 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
     fit_digits(fresh(), full, epochs=4)
     first = AutoPrune(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, epochs=4, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+        fit_digits(
+            fresh(),
+            first,
+            epochs=4,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+        )
     assert first.phase == "prune" and first.gates
     gates = {n: g.clone() for n, g in first.gates.items()}
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in first.gate_optimizer().state_dict()["state"].items()}
@@ -153,12 +161,20 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
     class Peek(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             seen["gates"] = {n: g.clone() for n, g in resumed.gates.items()}
-            seen["state"] = {i: {k: v.clone() for k, v in s.items()}
-                             for i, s in resumed.gate_optimizer().state_dict()["state"].items()}
+            seen["state"] = {
+                i: {k: v.clone() for k, v in s.items()}
+                for i, s in resumed.gate_optimizer().state_dict()["state"].items()
+            }
             seen["lr"] = resumed.gate_optimizer().param_groups[0]["lr"]
 
-    fit_digits(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     assert all(torch.equal(seen["gates"][n], gates[n]) for n in gates)
     assert seen["lr"] == first.lr and set(seen["state"]) == set(moments)
     assert all(torch.equal(seen["state"][i][k], moments[i][k]) for i in moments for k in moments[i])
@@ -166,15 +182,18 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"granularity": "channel"}, r"pruning.granularity='channel' is not one of: weight, filter"),
-    ({"gate_lr": 0}, r"pruning.gate_lr=0 must be a number > 0"),
-    ({"reg": -1.0}, r"pruning.reg=-1.0 must be a number >= 0"),
-    ({"ste": "softsign"}, r"pruning.ste='softsign' is not one of: leaky_relu, identity"),
-    ({"ste_slope": 2}, r"pruning.ste_slope=2 must be a number >= 0 and <= 1"),
-    ({"prune_fraction": 0}, r"pruning.prune_fraction=0 must be a number > 0"),
-    ({"mu": 1e-3}, r"Unknown AutoPrune option\(s\) \['mu'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"granularity": "channel"}, r"pruning.granularity='channel' is not one of: weight, filter"),
+        ({"gate_lr": 0}, r"pruning.gate_lr=0 must be a number > 0"),
+        ({"reg": -1.0}, r"pruning.reg=-1.0 must be a number >= 0"),
+        ({"ste": "softsign"}, r"pruning.ste='softsign' is not one of: leaky_relu, identity"),
+        ({"ste_slope": 2}, r"pruning.ste_slope=2 must be a number >= 0 and <= 1"),
+        ({"prune_fraction": 0}, r"pruning.prune_fraction=0 must be a number > 0"),
+        ({"mu": 1e-3}, r"Unknown AutoPrune option\(s\) \['mu'\]"),
+    ],
+)
 def test_bad_hyperparameters_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AutoPrune(compression=8, **kwargs)
@@ -195,6 +214,8 @@ def test_registered_experiment_composes_and_curves_reach_mlflow(make_cfg, tmp_pa
     pruning.validate(LeNet5())
     train(make_cfg("pruning=autoprune", "pruning.compression=4"))
     (run,) = runs_in(tmp_path)
-    history = {k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k) for k in
-               ("autoprune/open_fraction", "autoprune/mean_gate", "autoprune/reopened")}
+    history = {
+        k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k)
+        for k in ("autoprune/open_fraction", "autoprune/mean_gate", "autoprune/reopened")
+    }
     assert all(history.values()), {k: len(v) for k, v in history.items()}

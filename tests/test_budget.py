@@ -7,35 +7,44 @@ from prunelab.budget import extreme_factor, finetune_epochs
 
 
 def _cfg(epochs="auto", compression=8.0, per_doubling=200, min_epochs=6, quantize=None, **finetune):
-    return OmegaConf.create({"finetune": {"epochs": epochs, "steps_per_doubling": per_doubling,
-                                          "min_epochs": min_epochs, **finetune},
-                             "pruning": {"compression": compression, "quantize": quantize}})
+    return OmegaConf.create(
+        {
+            "finetune": {"epochs": epochs, "steps_per_doubling": per_doubling, "min_epochs": min_epochs, **finetune},
+            "pruning": {"compression": compression, "quantize": quantize},
+        }
+    )
 
 
-@pytest.mark.parametrize("compression, batches, expected", [
-    (8, 57, 11),    # mnist5k: 600 steps
-    (64, 57, 22),   # 1200 steps
-    (8, 20, 30),    # 8×8 digits: same steps, more epochs
-    (2, 57, 6),     # 200 steps: the floor of min_epochs holds
-    (1, 57, 6),     # pruning=none
-])
+@pytest.mark.parametrize(
+    "compression, batches, expected",
+    [
+        (8, 57, 11),  # mnist5k: 600 steps
+        (64, 57, 22),  # 1200 steps
+        (8, 20, 30),  # 8×8 digits: same steps, more epochs
+        (2, 57, 6),  # 200 steps: the floor of min_epochs holds
+        (1, 57, 6),  # pruning=none
+    ],
+)
 def test_auto_budget_in_steps(compression, batches, expected):
     assert finetune_epochs(_cfg(compression=compression), batches) == expected
 
 
-@pytest.mark.parametrize("compression, batches, expected", [
-    (128, 57, 25),    # 1400 steps: the rule as below 128×
-    (256, 57, 57),    # 2 × 1600 steps
-    (1000, 57, 70),   # 2 × 1993 steps
-    (181.02, 57, 40),  # halfway (in log2) from 128× to 256×: 1.5 × 1500 steps
-])
+@pytest.mark.parametrize(
+    "compression, batches, expected",
+    [
+        (128, 57, 25),  # 1400 steps: the rule as below 128×
+        (256, 57, 57),  # 2 × 1600 steps
+        (1000, 57, 70),  # 2 × 1993 steps
+        (181.02, 57, 40),  # halfway (in log2) from 128× to 256×: 1.5 × 1500 steps
+    ],
+)
 def test_extreme_ratios_get_up_to_twice_the_steps(compression, batches, expected):
     assert finetune_epochs(_cfg(compression=compression), batches) == expected
 
 
 def test_extreme_factor_is_continuous_and_can_be_turned_off():
     assert extreme_factor(128) == 1.0 and extreme_factor(256) == 2.0 and extreme_factor(4096) == 2.0
-    assert extreme_factor(128 * 2 ** 0.5) == pytest.approx(1.5)
+    assert extreme_factor(128 * 2**0.5) == pytest.approx(1.5)
     assert finetune_epochs(_cfg(compression=1000, extreme_factor=1), 57) == 35  # the plain rule
     assert finetune_epochs(_cfg(compression=1000, extreme_from=512), 57) == 69  # 0.97 of the ramp: ×1.97
 
@@ -50,12 +59,15 @@ def test_explicit_epochs_win():
     assert finetune_epochs(_cfg(epochs=3, compression=64), 20) == 3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("finetune.epochs=-1", r"finetune.epochs=-1 must be an integer"),
-    ("finetune.epochs=forever", r"finetune.epochs='forever' must be an integer"),
-    ("finetune.min_epochs=0", r"finetune.min_epochs=0 must be an integer"),
-    ("finetune.steps_per_doubling=1.5", r"finetune.steps_per_doubling=1.5 must be an integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.epochs=-1", r"finetune.epochs=-1 must be an integer"),
+        ("finetune.epochs=forever", r"finetune.epochs='forever' must be an integer"),
+        ("finetune.min_epochs=0", r"finetune.min_epochs=0 must be an integer"),
+        ("finetune.steps_per_doubling=1.5", r"finetune.steps_per_doubling=1.5 must be an integer"),
+    ],
+)
 def test_bad_budget_is_named_before_anything_is_built(make_cfg, tmp_path, override, message):
     from prunelab.train import train
 
@@ -68,7 +80,14 @@ def test_train_records_the_resolved_epochs(make_cfg, tmp_path):
     from conftest import runs_in
     from prunelab.train import train
 
-    train(make_cfg("finetune.epochs=auto", "finetune.steps_per_doubling=20", "finetune.min_epochs=1",
-                   "pruning.compression=4", "measure.latency=false"))
+    train(
+        make_cfg(
+            "finetune.epochs=auto",
+            "finetune.steps_per_doubling=20",
+            "finetune.min_epochs=1",
+            "pruning.compression=4",
+            "measure.latency=false",
+        )
+    )
     (run,) = runs_in(tmp_path)
     assert run.data.params["finetune.epochs"] == "2"  # digits: 20 batches an epoch, 40 steps for 4×

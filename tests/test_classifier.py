@@ -28,10 +28,17 @@ class NaNAtCall(nn.Module):
 
 def _fit(net: nn.Module, nan_check_every: int | None, batches: int = 6) -> Classifier:
     data = DataLoader(TensorDataset(torch.randn(4 * batches, 4), torch.randint(0, 3, (4 * batches,))), batch_size=4)
-    module = Classifier(net, 3, optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-                        nan_check_every=nan_check_every)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    module = Classifier(
+        net, 3, optimizer=lambda params: torch.optim.SGD(params, lr=0.1), nan_check_every=nan_check_every
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, train_dataloaders=data)
     return module
 

@@ -37,7 +37,8 @@ def test_accuracy_near_chance_is_a_collapse():
     net = _net()
     verdict = collapse.check(net, _layers(net), EXAMPLE, test_acc=18.9, num_classes=10)
     assert verdict.collapsed and verdict.reasons == (
-        "test accuracy 18.90% is near chance (10.0% for 10 classes; collapse below 19.0%)",)
+        "test accuracy 18.90% is near chance (10.0% for 10 classes; collapse below 19.0%)",
+    )
     assert verdict.tags()["collapsed"] == "true" and "near chance" in verdict.tags()["collapse_reason"]
 
 
@@ -46,8 +47,10 @@ def test_a_layer_without_weights_cuts_every_path():
     with torch.no_grad():
         net.fc2.weight.zero_()
     reasons = collapse.check(net, _layers(net), EXAMPLE, test_acc=90.0, num_classes=10).reasons
-    assert reasons == ("no nonzero weight left in fc2",
-                       "the output does not depend on the input (no path from input to output)")
+    assert reasons == (
+        "no nonzero weight left in fc2",
+        "the output does not depend on the input (no path from input to output)",
+    )
 
 
 def test_disconnected_weights_in_every_layer_are_no_path():

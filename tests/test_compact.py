@@ -55,7 +55,7 @@ def _zero_random_filters(net: nn.Module, frac: float = 0.25, seed: int = 0) -> N
 def _zero_residual_channel(net: nn.Module, channel: int = 5) -> None:
     """Zero ``channel`` in every producer of the last stage's residual stream (all blocks' conv2 + projection)."""
     for name, m in net.named_modules():
-        if name.startswith("layer3.") and (name.endswith("conv2") or name.endswith("shortcut.0")):
+        if name.startswith("layer3.") and name.endswith(("conv2", "shortcut.0")):
             m.weight[channel] = 0
 
 
@@ -155,8 +155,19 @@ def test_measure_reports_compacted_size(tmp_path):
         pruned.conv2.weight[::2] = 0
         pruned.fc1.weight[::2] = 0
     metrics, rows, _ = measure(pruned, dense, ["conv1", "conv2", "fc1", "fc2"], torch.zeros(1, 1, 28, 28), tmp_path)
-    for key in ("sparsity", "compression", "params", "params_nonzero", "macs", "dense_macs", "macs_reduction",
-                "bytes_dense", "bytes_stored", "storage_compression", "compaction_max_abs_diff"):
+    for key in (
+        "sparsity",
+        "compression",
+        "params",
+        "params_nonzero",
+        "macs",
+        "dense_macs",
+        "macs_reduction",
+        "bytes_dense",
+        "bytes_stored",
+        "storage_compression",
+        "compaction_max_abs_diff",
+    ):
         assert key in metrics
     assert not any(k.startswith(("latency", "speedup")) for k in metrics)  # latency is opt-in
     assert metrics["params"] < metrics["dense_params"] and metrics["macs_reduction"] > 1.5
@@ -176,7 +187,7 @@ def test_compression_compacted_counts_the_weights_removed_downstream(tmp_path):
     c1, c2, f1, f2 = (dense.get_submodule(n).weight for n in prunable)
     kept_c2, kept_f1 = c2.shape[0] // 2, f1.shape[0] // 2
     per_channel = f1.shape[1] // c2.shape[0]  # fc1 inputs fed by one conv2 channel
-    compacted = (c1.numel() + kept_c2 * c2[0].numel() + kept_f1 * kept_c2 * per_channel + f2.shape[0] * kept_f1)
+    compacted = c1.numel() + kept_c2 * c2[0].numel() + kept_f1 * kept_c2 * per_channel + f2.shape[0] * kept_f1
     total = sum(w.numel() for w in (c1, c2, f1, f2))
     masked = total - (c2.shape[0] - kept_c2) * c2[0].numel() - (f1.shape[0] - kept_f1) * f1.shape[1]
     assert metrics["compression"] == pytest.approx(total / masked)

@@ -54,23 +54,36 @@ CASES = {
     "increg": Case({"ramp": 0.1}, compression=2, net=partial(LeNet5, image_size=8), mid_prune=True),
     "spp": Case({"A": 0.08}, compression=4, net=partial(LeNet5, image_size=8), mid_prune=True),
     "autoprune": Case({"prune_fraction": 0.8}, mid_prune=True),
-    "eigendamage": Case({"mode": "iterative", "rounds": 2, "prune_fraction": 0.8, "prune_ratio_limit": 0.9,
-                         "fisher_batches": 2}, compression=4, net=partial(LeNet5, image_size=8), kill_at=1,
-                        mid_prune=True),
-    "obd": Case({"rounds": 3, "prune_fraction": 0.8, "fisher_batches": 2}, net=partial(LeNet5, image_size=8),
-                mid_prune=True),
+    "eigendamage": Case(
+        {"mode": "iterative", "rounds": 2, "prune_fraction": 0.8, "prune_ratio_limit": 0.9, "fisher_batches": 2},
+        compression=4,
+        net=partial(LeNet5, image_size=8),
+        kill_at=1,
+        mid_prune=True,
+    ),
+    "obd": Case(
+        {"rounds": 3, "prune_fraction": 0.8, "fisher_batches": 2}, net=partial(LeNet5, image_size=8), mid_prune=True
+    ),
 }
 NAMES = sorted(METHODS)
 # A contract a method does not meet yet: (test, method) → why. Strict: once it holds, the entry must go.
-_EXAMPLE_DTYPE = ("the example input used to count the compacted model stays float32 while the model is float64 "
-                  "(PruningCallback.on_train_start moves it to the model's device, not its dtype)")
-KNOWN = {("float64", "increg"): _EXAMPLE_DTYPE, ("float64", "obd"): _EXAMPLE_DTYPE, ("float64", "spp"): _EXAMPLE_DTYPE,
-         ("float64 resume", "obd"): _EXAMPLE_DTYPE}
+_EXAMPLE_DTYPE = (
+    "the example input used to count the compacted model stays float32 while the model is float64 "
+    "(PruningCallback.on_train_start moves it to the model's device, not its dtype)"
+)
+KNOWN = {
+    ("float64", "increg"): _EXAMPLE_DTYPE,
+    ("float64", "obd"): _EXAMPLE_DTYPE,
+    ("float64", "spp"): _EXAMPLE_DTYPE,
+    ("float64 resume", "obd"): _EXAMPLE_DTYPE,
+}
 
 
 def _names(test: str) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[test, n])) if (test, n) in KNOWN else n
-            for n in NAMES]
+    return [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN[test, n])) if (test, n) in KNOWN else n
+        for n in NAMES
+    ]
 
 
 def _case(name: str) -> Case:
@@ -85,10 +98,18 @@ def _make(name: str) -> PruningCallback:
 def _fit(net, pruning, case: Case, optimizer=OPTIMIZERS["adam"], callbacks=(), ckpt_path=None, **trainer_kwargs):
     pl.seed_everything(0, workers=True)
     trainer_kwargs = {"accelerator": "cpu", "enable_checkpointing": False, **trainer_kwargs}
-    trainer = pl.Trainer(max_epochs=case.epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[pruning, *callbacks], num_sanity_val_steps=0, **trainer_kwargs)
-    trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=ckpt_path)
+    trainer = pl.Trainer(
+        max_epochs=case.epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning, *callbacks],
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128), ckpt_path=ckpt_path
+    )
     return trainer
 
 
@@ -102,7 +123,8 @@ def _compression(pruning: PruningCallback, net, dense) -> float:
     example = torch.zeros(1, 1, 8, 8, dtype=next(net.parameters()).dtype)
     compacted = compact(net.cpu().eval(), example).net
     return sum(r["params"] for r in layer_table(net, names, dense)) / sum(
-        r["nonzero"] for r in layer_table(compacted, names, dense))
+        r["nonzero"] for r in layer_table(compacted, names, dense)
+    )
 
 
 def _same(a, b, path="state") -> None:
@@ -173,8 +195,13 @@ def test_resume_after_a_kill_is_bit_identical(name, tmp_path):
     _fit(full_net, full, case)
     first = _make(name)
     with pytest.raises(Killed):
-        _fit(fresh(), first, case, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True),
-                                              KillAt(case.kill_at)], enable_checkpointing=True)
+        _fit(
+            fresh(),
+            first,
+            case,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(case.kill_at)],
+            enable_checkpointing=True,
+        )
     assert not (case.mid_prune and first.done), f"{name}: done before the kill; move kill_at earlier"
     saved = _checkpointed(first, tmp_path / "last.ckpt")
     resumed, net, seen = _make(name), fresh(), {}
@@ -183,8 +210,14 @@ def test_resume_after_a_kill_is_bit_identical(name, tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.update(copy.deepcopy(resumed.state_dict()))  # deep: some state (Adam's step) changes in place
 
-    _fit(net, resumed, case, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-         ckpt_path=tmp_path / "last.ckpt", enable_checkpointing=True)
+    _fit(
+        net,
+        resumed,
+        case,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        enable_checkpointing=True,
+    )
     _same(seen, saved)  # the method goes on from the state it saved
     assert resumed.done
     _same(resumed.state_dict(), full.state_dict())
@@ -193,8 +226,12 @@ def test_resume_after_a_kill_is_bit_identical(name, tmp_path):
 
 def _weight_shaped(pruning: PruningCallback) -> list[tuple[str, str, torch.Tensor, torch.Tensor]]:
     """(kind, layer, tensor, the layer's weight) of every floating-point state tensor shaped like its weight."""
-    return [(kind, n, t, pruning.masks.modules[n].weight) for kind, d in pruning.layer_tensors().items()
-            for n, t in d.items() if t.is_floating_point() and t.shape == pruning.masks.modules[n].weight.shape]
+    return [
+        (kind, n, t, pruning.masks.modules[n].weight)
+        for kind, d in pruning.layer_tensors().items()
+        for n, t in d.items()
+        if t.is_floating_point() and t.shape == pruning.masks.modules[n].weight.shape
+    ]
 
 
 class Placement(pl.Callback):
@@ -239,8 +276,14 @@ def _resume_elsewhere(name, tmp_path, first_kwargs, then_kwargs):
     fresh = same_init(case.net)
     first = _make(name)
     with pytest.raises(Killed):
-        _fit(fresh(), first, case, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(case.kill_at)],
-             enable_checkpointing=True, **first_kwargs)
+        _fit(
+            fresh(),
+            first,
+            case,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(case.kill_at)],
+            enable_checkpointing=True,
+            **first_kwargs,
+        )
     saved = _checkpointed(first, tmp_path / "last.ckpt")
     resumed, seen = _make(name), {}
 
@@ -270,12 +313,14 @@ def test_a_float32_checkpoint_resumes_in_a_float64_fit(name, tmp_path):
 @CUDA
 @pytest.mark.parametrize("name", NAMES)
 def test_state_lives_on_the_gpu_and_its_checkpoint_resumes_on_the_cpu(name, tmp_path):
-    saved, seen, resumed = _resume_elsewhere(name, tmp_path, {"accelerator": "gpu", "devices": 1},
-                                             {"accelerator": "cpu"})
+    saved, seen, resumed = _resume_elsewhere(
+        name, tmp_path, {"accelerator": "gpu", "devices": 1}, {"accelerator": "cpu"}
+    )
     masks = seen.pop("masks")
     assert all(m.device.type == "cpu" and torch.equal(m, saved["masks"][n]) for n, m in masks.items())
-    assert all(t.device.type == "cpu" and torch.equal(t, saved["tensors"][kind][n]) for (kind, n), (t, _) in
-               seen.items())
+    assert all(
+        t.device.type == "cpu" and torch.equal(t, saved["tensors"][kind][n]) for (kind, n), (t, _) in seen.items()
+    )
     assert all(t.device.type == "cpu" for d in saved["tensors"].values() for t in d.values())
 
 

@@ -19,18 +19,29 @@ SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 def _fit(net, pruning, epochs=2, callbacks=(), precision="32-true", optimizer=SGD):
     pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0, precision=precision)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[pruning, *callbacks],
+        num_sanity_val_steps=0,
+        precision=precision,
+    )
     trainer.fit(Classifier(net, 10, optimizer=optimizer), datamodule=DigitsDataModule(batch_size=128))
     return trainer
 
 
-@pytest.mark.parametrize("make", [
-    # every registered method at its defaults: test_core_contract.py; here ADMM-NN's quantization, whose Z/U cover
-    # every layer
-    lambda: ADMMPruning(compression=8, update_every=3, quantize={"bits": 5}),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        # every registered method at its defaults: test_core_contract.py; here ADMM-NN's quantization, whose Z/U cover
+        # every layer
+        lambda: ADMMPruning(compression=8, update_every=3, quantize={"bits": 5}),
+    ],
+)
 def test_state_follows_a_model_converted_after_setup(make):
     """Lightning converts the model to float64 after the callbacks' ``setup`` (as it moves it to a GPU): masks and
     method state must follow, or the first ``apply`` fails on mismatched tensors."""
@@ -90,8 +101,9 @@ def test_transient_masks_restore_dropped_weights_exactly():
 
     class AtForward(pl.Callback):
         def on_before_backward(self, trainer, pl_module, loss):
-            dropped_at_forward.append(all(bool((m.weight[~pruning.last_keep[n]] == 0).all())
-                                          for n, m in pruning.masks.modules.items()))
+            dropped_at_forward.append(
+                all(bool((m.weight[~pruning.last_keep[n]] == 0).all()) for n, m in pruning.masks.modules.items())
+            )
 
     watch = ZeroWatch(pruning)
     _fit(LeNet300(image_size=8), pruning, epochs=1, callbacks=[AtForward(), watch])
@@ -169,9 +181,15 @@ def test_checkpoint_state_follows_a_model_of_another_dtype(tmp_path):
     net = LeNet300(image_size=8)
     net.load_state_dict(init)
     pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         callbacks=[first, ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[first, ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+    )
     with pytest.raises(Killed):
         trainer.fit(Classifier(net, 10, optimizer=SGD), datamodule=DigitsDataModule(batch_size=128))
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
@@ -181,16 +199,28 @@ def test_checkpoint_state_follows_a_model_of_another_dtype(tmp_path):
     class Peek(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, *args):
             if not seen:
-                seen.update({n: (z.dtype, torch.equal(z.float(), state["tensors"]["Z"][n]))
-                             for n, z in resumed.Z.items()})
+                seen.update(
+                    {n: (z.dtype, torch.equal(z.float(), state["tensors"]["Z"][n])) for n, z in resumed.Z.items()}
+                )
 
     net = LeNet300(image_size=8)
     pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, precision="64-true",
-                         enable_checkpointing=False, callbacks=[resumed, Peek()])
-    trainer.fit(Classifier(net, 10, optimizer=SGD), datamodule=DigitsDataModule(batch_size=128),
-                ckpt_path=tmp_path / "last.ckpt")
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        precision="64-true",
+        enable_checkpointing=False,
+        callbacks=[resumed, Peek()],
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=SGD),
+        datamodule=DigitsDataModule(batch_size=128),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
     assert seen and all(dtype == torch.float64 and same for dtype, same in seen.values())
     assert resumed.done and net.fc1.weight.dtype == torch.float64
 

@@ -244,9 +244,13 @@ def _write_cifar(root: Path, hundred: bool, per_batch: int = 4, n_test: int = 6)
         if hundred:
             batch["coarse_labels"] = (train_y[part] // 5).tolist()
         _pickle(folder / name, batch)
-    _pickle(folder / ("test" if hundred else "test_batch"), {"data": test_x.reshape(-1, 3072), label_key: test_y.tolist()})
+    _pickle(
+        folder / ("test" if hundred else "test_batch"), {"data": test_x.reshape(-1, 3072), label_key: test_y.tolist()}
+    )
     names = [f"class_{i}" for i in range(n_classes)]
-    _pickle(folder / ("meta" if hundred else "batches.meta"), {("fine_label_names" if hundred else "label_names"): names})
+    _pickle(
+        folder / ("meta" if hundred else "batches.meta"), {("fine_label_names" if hundred else "label_names"): names}
+    )
     return train_x.transpose(0, 2, 3, 1), train_y, test_x.transpose(0, 2, 3, 1), test_y
 
 
@@ -267,7 +271,10 @@ def test_cifar_round_trip_and_augmentation(tmp_path, lenient_cifar, cls, hundred
     assert [len(s) for s in (dm.train_set, dm.val_set, dm.test_set)] == [15, 5, 6]
     assert not set(dm.train_set.indices) & set(dm.val_set.indices)
     # Validation and test: exactly the normalized raw image, every time.
-    for ds, images, labels, k in ((dm.val_set, train_x, train_y, dm.val_set.indices[2]), (dm.test_set, test_x, test_y, 3)):
+    for ds, images, labels, k in (
+        (dm.val_set, train_x, train_y, dm.val_set.indices[2]),
+        (dm.test_set, test_x, test_y, 3),
+    ):
         pos = dm.val_set.indices.index(k) if ds is dm.val_set else k
         for _ in range(3):
             x, y = ds[pos]

@@ -24,20 +24,40 @@ from prunelab.pruning import METHODS
 
 pytestmark = pytest.mark.slow
 
-RUN = ["data=digits", "model=lenet300", "dense.epochs=2", "finetune.epochs=3", "logger.log_model=false",
-       "measure.latency=false", "measure.onnx=false", "trainer=ddp", "trainer.accelerator=cpu",
-       "pruning.compression=4", "+callbacks.rank_check._target_=prunelab.pruning.rank_check.RankCheck"]
+RUN = [
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=2",
+    "finetune.epochs=3",
+    "logger.log_model=false",
+    "measure.latency=false",
+    "measure.onnx=false",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "pruning.compression=4",
+    "+callbacks.rank_check._target_=prunelab.pruning.rank_check.RankCheck",
+]
 TIMEOUT = 600
 
 
 def _args(root: Path, cache: Path, *overrides: str, job: str = "job") -> list[str]:
-    return [*RUN, *overrides, f"paths.root_dir={root}", f"paths.cache_dir={cache}", f"hydra.run.dir={root}/{job}",
-            f"+callbacks.rank_check.record={root}/ranks.jsonl"]
+    return [
+        *RUN,
+        *overrides,
+        f"paths.root_dir={root}",
+        f"paths.cache_dir={cache}",
+        f"hydra.run.dir={root}/{job}",
+        f"+callbacks.rank_check.record={root}/ranks.jsonl",
+    ]
 
 
 def _cli(root: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prunelab.train", *_args(root, cache, *overrides)],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(
+        [sys.executable, "-m", "prunelab.train", *_args(root, cache, *overrides)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
 
 
 def _runs(root: Path) -> list:
@@ -97,12 +117,32 @@ def _free_port() -> int:
 
 def test_torchrun_two_nodes_one_process_each_records_one_run(tmp_path, cache):
     port = _free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "prunelab.train",
-                               *_args(tmp_path, cache, "trainer.devices=1", "trainer.num_nodes=2", job=f"node{rank}")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "prunelab.train",
+                *_args(tmp_path, cache, "trainer.devices=1", "trainer.num_nodes=2", job=f"node{rank}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
     (run,) = _runs(tmp_path)
@@ -113,10 +153,25 @@ def test_torchrun_two_nodes_one_process_each_records_one_run(tmp_path, cache):
 
 def test_bad_input_is_rejected_on_every_rank_before_anything(tmp_path, cache):
     port = _free_port()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "prunelab.train",
-                           *_args(tmp_path, cache, "finetune.optimizer.lr=-1")],
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "prunelab.train",
+            *_args(tmp_path, cache, "finetune.optimizer.lr=-1"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode != 0
     assert proc.stderr.count("finetune.optimizer is not valid: ValueError: Invalid learning rate: -1") == 2
     assert not (tmp_path / "outputs").exists()
@@ -143,8 +198,13 @@ def _wait_for_step(folder: Path, proc: subprocess.Popen, deadline: float) -> Non
 def _kill_rank1_mid_fit(root: Path, cache: Path, *overrides: str) -> psutil.Process:
     """Start a run, kill -9 its rank 1 once the pruning fit wrote a checkpoint; assert every process is gone
     within 60 s with a non-zero exit. Returns the killed process."""
-    proc = subprocess.Popen([sys.executable, "-m", "prunelab.train", *_args(root, cache, *overrides)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunelab.train", *_args(root, cache, *overrides)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for_step(root / "job" / "checkpoints", proc, time.monotonic() + TIMEOUT)
     victim = _rank1(psutil.Process(proc.pid))
     assert victim is not None
@@ -182,8 +242,9 @@ def test_kill9_of_rank1_ends_every_process_and_the_run_then_resume_gives_the_uni
     assert final["ranks"][0]["masks"] == expected["masks"]
 
 
-two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                              reason="needs 2 CUDA devices")
+two_gpus = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"
+)
 
 
 @pytest.mark.gpu
@@ -201,5 +262,6 @@ def test_every_method_on_two_gpus_with_nccl(tmp_path, cache, method):
 @pytest.mark.gpu
 @two_gpus
 def test_kill9_of_rank1_on_two_gpus_ends_every_process(tmp_path, cache):
-    _kill_rank1_mid_fit(tmp_path / "killed", cache, "finetune.epochs=12", "trainer.accelerator=gpu",
-                        "trainer.devices=2")
+    _kill_rank1_mid_fit(
+        tmp_path / "killed", cache, "finetune.epochs=12", "trainer.accelerator=gpu", "trainer.devices=2"
+    )

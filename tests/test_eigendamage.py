@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt
+from callbacks import KillAt, Killed
 from conftest import runs_in
 from prunelab.data import DigitsDataModule
 from prunelab.measure import measure
@@ -30,9 +30,17 @@ SCHEDULER = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3)
 def _fit(net, pruning, epochs=2, callbacks=(), ckpt_path=None, ckpt=False, **trainer_kwargs):
     pl.seed_everything(0, workers=True)
     trainer_kwargs = {"limit_train_batches": 5, "limit_val_batches": 1, **trainer_kwargs}
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=ckpt, callbacks=[pruning, *callbacks],
-                         num_sanity_val_steps=0, **trainer_kwargs)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=ckpt,
+        callbacks=[pruning, *callbacks],
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
     module = Classifier(net, 10, optimizer=ADAM, scheduler=SCHEDULER)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=128), ckpt_path=ckpt_path)
     return trainer, module
@@ -52,19 +60,23 @@ def _replace_all(net, x, keep=None):
             layers[n] = m
     names = list(layers)[:-1]
     factored = {n: layers[n].core if isinstance(layers[n], BottleneckLayer) else layers[n] for n in names}
-    factors = kfac.collect_factors(net, factored, [(x, torch.zeros(len(x), dtype=torch.long))],
-                                   generator=torch.Generator().manual_seed(0))
+    factors = kfac.collect_factors(
+        net, factored, [(x, torch.zeros(len(x), dtype=torch.long))], generator=torch.Generator().manual_seed(0)
+    )
     for n in names:
         k = kfe.decompose(layers[n], factors[n])
         k_in, k_out = (len(k.in_scores), len(k.out_scores)) if keep is None else keep
         replace(net, n, kfe.build(k, kfe._top(k.in_scores, k_in), kfe._top(k.out_scores, k_out)))
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: LeNet300(image_size=8), (16, 1, 8, 8)),
-    (lambda: LeNet5(image_size=8), (16, 1, 8, 8)),  # padded convs with a bias: rotate_in does the padding
-    (lambda: ResNet20(image_size=8), (16, 1, 8, 8)),  # strided, bias-free convs; 1×1 projections
-])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: LeNet300(image_size=8), (16, 1, 8, 8)),
+        (lambda: LeNet5(image_size=8), (16, 1, 8, 8)),  # padded convs with a bias: rotate_in does the padding
+        (lambda: ResNet20(image_size=8), (16, 1, 8, 8)),  # strided, bias-free convs; 1×1 projections
+    ],
+)
 def test_rotated_layers_give_the_original_outputs_before_pruning(make, shape):
     net = _dense(make).eval()
     x = torch.randn(shape)
@@ -75,8 +87,9 @@ def test_rotated_layers_give_the_original_outputs_before_pruning(make, shape):
     with torch.no_grad():
         torch.testing.assert_close(net(x), want, atol=1e-5, rtol=0)
     _replace_all(net, x)  # a second round folds its rotations into the first's: same outputs, same depth
-    assert not any(isinstance(m, BottleneckLayer) for b in net.modules() if isinstance(b, BottleneckLayer)
-                   for m in b.children())
+    assert not any(
+        isinstance(m, BottleneckLayer) for b in net.modules() if isinstance(b, BottleneckLayer) for m in b.children()
+    )
     with torch.no_grad():
         torch.testing.assert_close(net(x), want, atol=1e-5, rtol=0)
 
@@ -90,8 +103,9 @@ def test_one_pass_reaches_compression_on_the_rebuilt_model_and_keeps_the_classif
     assert net.fc2 is classifier and isinstance(net.fc2, nn.Linear)  # never replaced
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert optimized == {id(p) for p in module.parameters()}  # re-created through Lightning, nothing stale
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(trainer.lr_scheduler_configs[0].scheduler
-                                                                        .get_last_lr()[0])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+    )
     assert set(pruning.masks.modules) == {n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     assert all(m.all() for m in pruning.masks.masks.values())  # re-bound, all ones
     metrics, rows, _ = measure(net, dense, pruning.layer_names, torch.zeros(1, 1, 8, 8))
@@ -106,8 +120,9 @@ def test_one_pass_reaches_compression_on_the_rebuilt_model_and_keeps_the_classif
 
 def test_iterative_rounds_fold_rotations_and_reach_the_target():
     net = _dense(lambda: LeNet300(image_size=8))
-    pruning = EigenDamagePruning(compression=6, mode="iterative", rounds=3, prune_fraction=0.6,
-                                 prune_ratio_limit=0.9, fisher_batches=4)
+    pruning = EigenDamagePruning(
+        compression=6, mode="iterative", rounds=3, prune_fraction=0.6, prune_ratio_limit=0.9, fisher_batches=4
+    )
     seen = []
 
     class Watch(pl.Callback):
@@ -144,11 +159,18 @@ def test_batchnorm_recalibration_is_the_plain_average_of_batch_statistics():
     assert net[1].momentum == 0.1 and net.training and torch.equal(torch.get_rng_state(), rng)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(compression=4, fisher_batches=4),
-    pytest.param(dict(compression=6, mode="iterative", rounds=2, prune_fraction=0.8, prune_ratio_limit=0.9,
-                      fisher_batches=4), marks=pytest.mark.slow),  # killed between rounds
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(compression=4, fisher_batches=4),
+        pytest.param(
+            dict(
+                compression=6, mode="iterative", rounds=2, prune_fraction=0.8, prune_ratio_limit=0.9, fisher_batches=4
+            ),
+            marks=pytest.mark.slow,
+        ),  # killed between rounds
+    ],
+)
 def test_resume_after_a_kill_gives_the_same_model(tmp_path, kwargs):
     init = _dense(lambda: LeNet5(image_size=8)).state_dict()
 
@@ -161,12 +183,23 @@ def test_resume_after_a_kill_gives_the_same_model(tmp_path, kwargs):
     _fit(full_net, EigenDamagePruning(**kwargs), epochs=3)
     first = EigenDamagePruning(**kwargs)
     with pytest.raises(Killed):
-        _fit(fresh(), first, epochs=3, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(1)],
-             ckpt=True)
-    assert 1 <= first.rounds_done
+        _fit(
+            fresh(),
+            first,
+            epochs=3,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(1)],
+            ckpt=True,
+        )
+    assert first.rounds_done >= 1
     resumed, net = EigenDamagePruning(**kwargs), fresh()
-    _, module = _fit(net, resumed, epochs=3, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
-                     ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    _, module = _fit(
+        net,
+        resumed,
+        epochs=3,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     assert resumed.rounds_done == resumed.rounds and describe(net) == describe(full_net)
     for (name, a), b in zip(full_net.state_dict().items(), net.state_dict().values()):
         assert torch.equal(a, b), name
@@ -187,10 +220,10 @@ def _load_in_a_fresh_process(tmp_path, module, net):
 import torch
 from prunelab.models import LeNet5
 from prunelab.models.classifier import Classifier
-io = torch.load({str(tmp_path / 'io.pt')!r})
-pickled = torch.load({str(tmp_path / 'net.pt')!r}, weights_only=False).eval()
+io = torch.load({str(tmp_path / "io.pt")!r})
+pickled = torch.load({str(tmp_path / "net.pt")!r}, weights_only=False).eval()
 module = Classifier(LeNet5(image_size=8), 10)
-ckpt = torch.load({str(tmp_path / 'final.ckpt')!r}, weights_only=False)
+ckpt = torch.load({str(tmp_path / "final.ckpt")!r}, weights_only=False)
 module.on_load_checkpoint(ckpt)
 module.load_state_dict(ckpt["state_dict"])
 for net in (pickled, module.net.eval()):
@@ -201,15 +234,18 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(compression=60), r"pruning.compression=60 is out of reach.*at most \d+\.\d+×.*prune_ratio_limit=0.99"),
-    (dict(compression=4, layers=["conv1", "fc2"]), r"pruning.layers names the classifier 'fc2'"),
-    (dict(compression=4, mode="gradual"), r"pruning.mode='gradual' is not one of: one_pass, iterative"),
-    (dict(compression=4, prune_ratio_limit=1.0), r"pruning.prune_ratio_limit=1.0 must be a number > 0 and < 1"),
-    (dict(compression=4, fisher_type="sampled"), r"pruning.fisher_type='sampled' is not one of: true, empirical"),
-    (dict(compression=4, granularity="filter"), r"Unknown EigenDamage option\(s\) \['granularity'\]"),
-    (dict(compression=4, scope="row"), r"pruning.scope='row' is not one of: global, lamp, layer, auto"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(compression=60), r"pruning.compression=60 is out of reach.*at most \d+\.\d+×.*prune_ratio_limit=0.99"),
+        (dict(compression=4, layers=["conv1", "fc2"]), r"pruning.layers names the classifier 'fc2'"),
+        (dict(compression=4, mode="gradual"), r"pruning.mode='gradual' is not one of: one_pass, iterative"),
+        (dict(compression=4, prune_ratio_limit=1.0), r"pruning.prune_ratio_limit=1.0 must be a number > 0 and < 1"),
+        (dict(compression=4, fisher_type="sampled"), r"pruning.fisher_type='sampled' is not one of: true, empirical"),
+        (dict(compression=4, granularity="filter"), r"Unknown EigenDamage option\(s\) \['granularity'\]"),
+        (dict(compression=4, scope="row"), r"pruning.scope='row' is not one of: global, lamp, layer, auto"),
+    ],
+)
 def test_bad_input_is_rejected_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EigenDamagePruning(**kwargs).validate(LeNet5(image_size=8))
@@ -221,8 +257,9 @@ def test_run_records_the_architecture_next_to_the_weights(make_cfg, tmp_path):
     assert abs(metrics["compression"] - 4) / 4 < 0.02 and metrics["macs_reduction"] > 1.2  # measured on the rebuilt net
     (run,) = runs_in(tmp_path)
     assert run.data.params["granularity"] == "eigenbasis" and run.data.metrics["layer_sparsity/fc1"] > 0.5
-    folder = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="weights",
-                                                 dst_path=str(tmp_path / "dl"))
+    folder = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="weights", dst_path=str(tmp_path / "dl")
+    )
     description = json.loads((tmp_path / "dl" / "weights" / "architecture.json").read_text())
     assert "fc1" in description["bottlenecks"]
     net = rebuild(LeNet5(image_size=8), description)
@@ -246,7 +283,7 @@ def test_plan_meets_every_reachable_target_and_keeps_the_top_directions(normaliz
             for scores, kept in ((kfes[name].in_scores, keep_in), (kfes[name].out_scores, keep_out)):
                 dropped = torch.ones(len(scores), dtype=torch.bool)
                 dropped[kept] = False
-                assert 1 <= len(kept) and int(dropped.sum()) <= int(0.99 * len(scores))  # the per-layer cap
+                assert len(kept) >= 1 and int(dropped.sum()) <= int(0.99 * len(scores))  # the per-layer cap
                 if dropped.any():
                     assert scores[dropped].max() <= scores[kept].min()  # a side keeps its best directions
 
@@ -260,8 +297,12 @@ def test_lamp_plan_does_not_depend_on_a_layers_score_scale():
     layers = {"fc1": net.fc1, "fc2": net.fc2}
     factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))
     kfes = {n: kfe.decompose(m, factors[n]) for n, m in layers.items()}
-    small = dict(kfes, fc2=dataclasses.replace(kfes["fc2"], in_scores=kfes["fc2"].in_scores * 1e-6,
-                                                out_scores=kfes["fc2"].out_scores * 1e-6))
+    small = dict(
+        kfes,
+        fc2=dataclasses.replace(
+            kfes["fc2"], in_scores=kfes["fc2"].in_scores * 1e-6, out_scores=kfes["fc2"].out_scores * 1e-6
+        ),
+    )
     dense = sum(m.weight.numel() for m in (net.fc1, net.fc2, net.fc3))
 
     def kept(kfes, normalize):

@@ -111,10 +111,19 @@ def test_onnx_latency_names_and_values(tmp_path):
     example = torch.zeros(1, 1, 28, 28)
     export_onnx(masked, example, tmp_path / "dense.onnx")
     export_onnx(compacted, example, tmp_path / "pruned.onnx")
-    result = onnx_latency(tmp_path / "dense.onnx", tmp_path / "pruned.onnx", example, batch_sizes=(1, 3), blocks=2,
-                          threads=1, min_run_time=0.01, slice_time=0.002)
-    names = {f"{kind}_onnx_b{b}_{unit}" for kind in ("latency", "dense_latency") for b in (1, 3)
-             for unit in ("ms", "iqr_ms")} | {"speedup_onnx_b1", "speedup_onnx_b3", "latency_onnx_threads"}
+    result = onnx_latency(
+        tmp_path / "dense.onnx",
+        tmp_path / "pruned.onnx",
+        example,
+        batch_sizes=(1, 3),
+        blocks=2,
+        threads=1,
+        min_run_time=0.01,
+        slice_time=0.002,
+    )
+    names = {
+        f"{kind}_onnx_b{b}_{unit}" for kind in ("latency", "dense_latency") for b in (1, 3) for unit in ("ms", "iqr_ms")
+    } | {"speedup_onnx_b1", "speedup_onnx_b3", "latency_onnx_threads"}
     assert set(result.metrics) == names
     assert all(math.isfinite(v) and v >= 0 for v in result.metrics.values())
     assert result.metrics["latency_onnx_threads"] == 1.0
@@ -126,9 +135,21 @@ def test_onnx_latency_names_and_values(tmp_path):
 def logged_run(tmp_path):
     """A run in a temporary SQLite store with what ``logger.log_model`` records: the MLflow model, the state dict,
     the architecture description and the config; one layer replaced by a bottleneck (as EigenDamage does)."""
-    net = rebuild(_lenet5(), {"format": 1, "bottlenecks": {"fc1": {"stages": [
-        {"type": "linear", "in": 800, "out": 24, "bias": False}, {"type": "linear", "in": 24, "out": 16, "bias": False},
-        {"type": "linear", "in": 16, "out": 500, "bias": True}]}}}).eval()
+    net = rebuild(
+        _lenet5(),
+        {
+            "format": 1,
+            "bottlenecks": {
+                "fc1": {
+                    "stages": [
+                        {"type": "linear", "in": 800, "out": 24, "bias": False},
+                        {"type": "linear", "in": 24, "out": 16, "bias": False},
+                        {"type": "linear", "in": 16, "out": 500, "bias": True},
+                    ]
+                }
+            },
+        },
+    ).eval()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as run:

@@ -36,8 +36,9 @@ REFUSED = {
 def network(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "vit":
-        return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                    hidden_dim=32, mlp_dim=64, num_classes=10)
+        return torchvision.models.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+        )
     return torchvision_model(family, num_classes=10)
 
 
@@ -54,10 +55,19 @@ def test_method_on_a_library_network(family, method, tmp_path):
     pruning.example_input = EXAMPLE
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 3, 32, 32, generator=generator), torch.arange(32) % 10)
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning])
-    trainer.fit(Classifier(net, 10, optimizer=lambda params: torch.optim.Adam(params, 1e-3)),
-                train_dataloaders=DataLoader(data, batch_size=16))
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[pruning],
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=lambda params: torch.optim.Adam(params, 1e-3)),
+        train_dataloaders=DataLoader(data, batch_size=16),
+    )
     metrics, _, _ = measure(net, dense, pruning.layer_names, EXAMPLE, tmp_path, pruning.counts_compacted, onnx=True)
     assert metrics["compression"] == pytest.approx(4.0, rel=0.02)
     assert metrics["compaction_max_abs_diff"] <= 1e-4 and metrics["onnx_max_abs_diff"] <= 1e-4

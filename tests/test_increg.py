@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, compacted_ratio, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, compacted_ratio, fit_digits, same_init
 from prunelab.measure import compact
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, IncRegPruning, groups
@@ -50,8 +50,9 @@ def test_lambda_update_by_hand():
             net[1].weight[:, 0] = 3.0  # col0 becomes the most important: instantaneous ranks 3, 2, 0, 1
         _step(cb, 1)  # history (n = 2): h = (0+3, 3+2, 1+0, 2+1)/2 → ranks col2 0, col0 1, col3 2 (tie), col1 3
         torch.testing.assert_close(cb.hist["1"].flatten(), torch.tensor([1.5, 2.5, 0.5, 1.5], dtype=torch.float64))
-        expected = {"history": [1 + ROOT8, 0.0, ROOT8 + 1, 0.0],
-                    "instantaneous": [lam0, 0.0, ROOT8 + 1, ROOT8]}[rank]  # col0 at rank 3: 1 + (1/2 − √2)
+        expected = {"history": [1 + ROOT8, 0.0, ROOT8 + 1, 0.0], "instantaneous": [lam0, 0.0, ROOT8 + 1, ROOT8]}[
+            rank
+        ]  # col0 at rank 3: 1 + (1/2 − √2)
         torch.testing.assert_close(cb.lam["1"].flatten(), torch.tensor(expected, dtype=torch.float64))
         assert cb.masks.masks["1"].all()  # nothing reached λ_max = 100
         w = net[1].weight.detach().clone()
@@ -97,8 +98,11 @@ def _table_compression(net, table):
     """The compression an explicit table of column shares gives on ``net``."""
     layers = {n: m for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     total = sum(m.weight.numel() for m in layers.values())
-    zeros = sum(round(f * math.prod(groups.group_shape(layers[n].weight, "column"))) *
-                groups.group_size(layers[n].weight, "column") for n, f in table.items())
+    zeros = sum(
+        round(f * math.prod(groups.group_shape(layers[n].weight, "column")))
+        * groups.group_size(layers[n].weight, "column")
+        for n, f in table.items()
+    )
     return total / (total - zeros)
 
 
@@ -131,10 +135,13 @@ def test_finalize_prunes_the_rest_by_lambda_when_training_ends_first():
 
 
 def _state(pruning):
-    return {"lambda": {n: t.clone() for n, t in pruning.lam.items()},
-            "hist": {n: t.clone() for n, t in pruning.hist.items()},
-            "masks": {n: m.clone() for n, m in pruning.masks.masks.items()},
-            "counts": dict(pruning.counts), "A": pruning.A}
+    return {
+        "lambda": {n: t.clone() for n, t in pruning.lam.items()},
+        "hist": {n: t.clone() for n, t in pruning.hist.items()},
+        "masks": {n: m.clone() for n, m in pruning.masks.masks.items()},
+        "counts": dict(pruning.counts),
+        "A": pruning.A,
+    }
 
 
 def _same(a, b):
@@ -153,8 +160,14 @@ def test_resume_mid_prune_gives_identical_lambda_ranks_and_masks(tmp_path, rank)
     fit_digits(fresh(), full, opt, epochs=4)
     first = IncRegPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, opt, epochs=4, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+        fit_digits(
+            fresh(),
+            first,
+            opt,
+            epochs=4,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+        )
     assert not first.done and sum(_pruned_per_layer(first).values()) > 0  # killed mid-prune
     killed, seen = _state(first), {}
     resumed = IncRegPruning(**kwargs)
@@ -167,8 +180,15 @@ def test_resume_mid_prune_gives_identical_lambda_ranks_and_masks(tmp_path, rank)
         for m in (net := fresh()).modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.weight.mul_(torch.rand_like(m.weight))
-    fit_digits(net, resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        net,
+        resumed,
+        opt,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     _same(seen, killed)
     _same(_state(resumed), _state(full))
     assert resumed.done and full.done
@@ -184,9 +204,11 @@ def test_column_masks_leave_empty_channels_that_compaction_removes():
     assert watch.violations == 0 and _pruned_per_layer(pruning) == pruning.counts
     live = {n: pruning.live(n) for n in pruning.counts}  # conv2: (20 in-channels, 25), fc1, fc2: (inputs, 1)
     spatial = net.fc1.in_features // net.conv2.out_channels
-    expected = {"conv1": int((~live["conv2"].any(1)).sum()),  # every column of an input channel pruned
-                "conv2": int((~live["fc1"].reshape(-1, spatial).any(1)).sum()),  # fc1 ignores a whole feature map
-                "fc1": int((~live["fc2"]).sum())}
+    expected = {
+        "conv1": int((~live["conv2"].any(1)).sum()),  # every column of an input channel pruned
+        "conv2": int((~live["fc1"].reshape(-1, spatial).any(1)).sum()),  # fc1 ignores a whole feature map
+        "fc1": int((~live["fc2"]).sum()),
+    }
     assert all(expected.values())
     result = compact(net.eval(), torch.zeros(1, 1, 8, 8))
     assert result.removed == expected and result.max_abs_diff <= 1e-4
@@ -196,19 +218,22 @@ def test_column_masks_leave_empty_channels_that_compaction_removes():
     assert result.net.conv1.out_channels == 20 - expected["conv1"]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"granularity": "weight"}, r"pruning.granularity='weight' is not one of: column, filter"),
-    ({"granularity": "channel"}, r"pruning.granularity='channel'"),
-    ({"lambda_max": 0}, r"pruning.lambda_max=0 must be a number > 0"),
-    ({"lambda_max": float("nan")}, r"pruning.lambda_max=nan"),
-    ({"ramp": 0.0}, r"pruning.ramp=0.0 must be a number > 0 and <= 1"),
-    ({"ramp": 1.5}, r"pruning.ramp=1.5"),
-    ({"amplitude": -1e-4}, r"pruning.amplitude=-0.0001"),
-    ({"u": 0.5}, r"pruning.u=0.5 must be a number > 0 and < 0.5"),
-    ({"rank": "mean"}, r"pruning.rank='mean' is not one of: history, instantaneous"),
-    ({"lamda_max": 2}, r"Unknown IncReg option\(s\) \['lamda_max'\]"),
-    ({"compression": 0.5}, r"pruning.compression=0.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"granularity": "weight"}, r"pruning.granularity='weight' is not one of: column, filter"),
+        ({"granularity": "channel"}, r"pruning.granularity='channel'"),
+        ({"lambda_max": 0}, r"pruning.lambda_max=0 must be a number > 0"),
+        ({"lambda_max": float("nan")}, r"pruning.lambda_max=nan"),
+        ({"ramp": 0.0}, r"pruning.ramp=0.0 must be a number > 0 and <= 1"),
+        ({"ramp": 1.5}, r"pruning.ramp=1.5"),
+        ({"amplitude": -1e-4}, r"pruning.amplitude=-0.0001"),
+        ({"u": 0.5}, r"pruning.u=0.5 must be a number > 0 and < 0.5"),
+        ({"rank": "mean"}, r"pruning.rank='mean' is not one of: history, instantaneous"),
+        ({"lamda_max": 2}, r"Unknown IncReg option\(s\) \['lamda_max'\]"),
+        ({"compression": 0.5}, r"pruning.compression=0.5"),
+    ],
+)
 def test_bad_hyperparameters_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IncRegPruning(**{"compression": 8, **kwargs})

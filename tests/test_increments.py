@@ -31,13 +31,16 @@ def test_exponential_increment_landmarks(to_prune, u):
     assert torch.all(d[1:] <= d[:-1]) and torch.isfinite(d).all()  # decreasing, no overflow far out
     # central symmetry about (N₁, uA) on the exponential part: Δ(N₁ − x) + Δ(N₁ + x) = 2uA
     x = torch.linspace(0, n1, 9, dtype=torch.float64)
-    torch.testing.assert_close(increment(n1 - x, to_prune, a, u) + increment(n1 + x, to_prune, a, u),
-                               torch.full_like(x, 2 * u * a))
+    torch.testing.assert_close(
+        increment(n1 - x, to_prune, a, u) + increment(n1 + x, to_prune, a, u), torch.full_like(x, 2 * u * a)
+    )
 
 
 def test_linear_increment_and_bad_input():
-    torch.testing.assert_close(increment(torch.tensor([0.0, 2.0, 4.0, 6.0]), 4, 1.0, shape="linear"),
-                               torch.tensor([1.0, 0.5, 0.0, -0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        increment(torch.tensor([0.0, 2.0, 4.0, 6.0]), 4, 1.0, shape="linear"),
+        torch.tensor([1.0, 0.5, 0.0, -0.5], dtype=torch.float64),
+    )
     with pytest.raises(ValueError, match="to_prune=0"):
         increment(torch.zeros(3), 0, 1.0)
 

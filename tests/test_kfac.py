@@ -15,7 +15,7 @@ def _per_example_output_grads(net, layer, x, y):
     grads = []
     for xn, yn in zip(x, y):
         out = {}
-        handle = layer.register_forward_hook(lambda m, a, o: out.setdefault("s", o))
+        handle = layer.register_forward_hook(lambda m, a, o, out=out: out.setdefault("s", o))
         loss = F.cross_entropy(net(xn[None]), yn[None])
         handle.remove()
         grads.append(torch.autograd.grad(loss, out["s"])[0][0])
@@ -26,8 +26,9 @@ def test_linear_factors_equal_explicit_moments():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
     x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
-    factors = kfac.collect_factors(net, {"0": net[0], "2": net[2]}, [(x[:4], y[:4]), (x[4:], y[4:])],
-                                   fisher_type="empirical")
+    factors = kfac.collect_factors(
+        net, {"0": net[0], "2": net[2]}, [(x[:4], y[:4]), (x[4:], y[4:])], fisher_type="empirical"
+    )
     a = torch.cat([x, torch.ones(7, 1, dtype=torch.float64)], 1)
     torch.testing.assert_close(factors["0"].A, a.T @ a / 7)
     g = _per_example_output_grads(net, net[0], x, y)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import runs_in
 from prunelab.measure import check_options, measure
 from prunelab.measure.gpu_latency import cudnn_benchmark, gpu_latency, mode_params
 from prunelab.measure.latency import cpu_latency, is_2to4, measure_latency
 from prunelab.measure.semi_structured import SparseConv1x1, choose_backend, eligibility, semi_structured_latency
 from prunelab.models import MLP, LeNet5, LeNet300
 from prunelab.train import train
-from conftest import runs_in
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,8 +57,17 @@ def test_gpu_path_is_skipped_cleanly_without_cuda(monkeypatch):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("blocks", 0), ("batch_sizes", ()), ("batch_sizes", (0,)), ("gpu_batch_sizes", (1, -64)), ("gpu_batch_sizes", ()),
-     ("gpu_mode", "fast"), ("gpu_dtype", "int8"), ("channels_last", "yes"), ("min_run_time", 0)],
+    [
+        ("blocks", 0),
+        ("batch_sizes", ()),
+        ("batch_sizes", (0,)),
+        ("gpu_batch_sizes", (1, -64)),
+        ("gpu_batch_sizes", ()),
+        ("gpu_mode", "fast"),
+        ("gpu_dtype", "int8"),
+        ("channels_last", "yes"),
+        ("min_run_time", 0),
+    ],
 )
 def test_bad_options_name_the_key(key, value):
     dense, small = _pair()
@@ -100,7 +109,9 @@ def test_cudnn_benchmark_is_restored():
 
 def test_mode_params_record_the_fallback():
     assert mode_params("latency_gpu", "graph", {1: "graph", 64: "graph"}, {}) == {
-        "latency_gpu_mode_requested": "graph", "latency_gpu_mode": "graph"}
+        "latency_gpu_mode_requested": "graph",
+        "latency_gpu_mode": "graph",
+    }
     params = mode_params("latency_gpu", "graph", {1: "eager", 64: "graph"}, {1: "RuntimeError: capture"})
     assert params["latency_gpu_mode"] == "eager+graph" and params["latency_gpu_fallback"] == "b1: RuntimeError: capture"
 
@@ -111,8 +122,14 @@ def test_measure_with_latency_writes_raw_samples(tmp_path):
         pruned.fc1.weight[:150] = 0
     metrics, _, params = measure(pruned, dense, ["fc1", "fc2", "fc3"], X, tmp_path, latency=True, gpu=False, **FAST)
     assert set(params) == {"latency_cpu_device", "latency_onnx_runtime"}  # ONNX Runtime timed too (onnx=True)
-    for key in ("latency_cpu_b1_ms", "latency_cpu_b4_ms", "speedup_cpu_b1", "speedup_cpu_b4",
-                "latency_onnx_b1_ms", "speedup_onnx_b4"):
+    for key in (
+        "latency_cpu_b1_ms",
+        "latency_cpu_b4_ms",
+        "speedup_cpu_b1",
+        "speedup_cpu_b4",
+        "latency_onnx_b1_ms",
+        "speedup_onnx_b4",
+    ):
         assert math.isfinite(metrics[key]) and metrics[key] > 0
     samples = json.loads((tmp_path / "latency.json").read_text())
     assert set(samples["cpu_b1"]) == set(samples["onnx_b1"]) == {"dense", "pruned"}
@@ -138,8 +155,15 @@ def _two_of_four(net: nn.Module) -> nn.Module:
 
 @pytest.mark.parametrize(
     "capability, cusparselt, backend",
-    [(None, True, None), ((7, 5), True, None), ((8, 0), True, "cusparselt"), ((8, 6), False, "cutlass"),
-     ((9, 0), True, "cusparselt"), ((9, 0), False, None), ((12, 0), False, None)],
+    [
+        (None, True, None),
+        ((7, 5), True, None),
+        ((8, 0), True, "cusparselt"),
+        ((8, 6), False, "cutlass"),
+        ((9, 0), True, "cusparselt"),
+        ((9, 0), False, None),
+        ((12, 0), False, None),
+    ],
 )
 def test_backend_choice(capability, cusparselt, backend):
     chosen, why = choose_backend(capability, cusparselt)
@@ -177,8 +201,9 @@ def test_gpu_latency_modes(mode, dtype, channels_last):
     with torch.no_grad():
         small.conv2.weight[25:] = 0
     before = torch.backends.cudnn.benchmark
-    res = gpu_latency(dense, small, X, (1, 8), blocks=2, min_run_time=0.01, mode=mode, dtype=dtype,
-                      channels_last=channels_last)
+    res = gpu_latency(
+        dense, small, X, (1, 8), blocks=2, min_run_time=0.01, mode=mode, dtype=dtype, channels_last=channels_last
+    )
     assert torch.backends.cudnn.benchmark == before
     for b in (1, 8):
         assert res.metrics[f"latency_gpu_b{b}_ms"] > 0 and res.metrics[f"speedup_gpu_b{b}"] > 0
@@ -193,8 +218,9 @@ def test_gpu_latency_modes(mode, dtype, channels_last):
 @needs_cuda
 def test_measure_records_gpu_metrics_and_params(tmp_path):
     dense, pruned = _pair()[0], LeNet300(image_size=8)
-    metrics, _, params = measure(pruned, dense, ["fc1", "fc2", "fc3"], X, tmp_path, latency=True,
-                                 gpu_batch_sizes=(1, 64), **FAST)
+    metrics, _, params = measure(
+        pruned, dense, ["fc1", "fc2", "fc3"], X, tmp_path, latency=True, gpu_batch_sizes=(1, 64), **FAST
+    )
     for key in ("latency_gpu_b1_ms", "latency_gpu_b64_ms", "speedup_gpu_b1", "speedup_gpu_b64"):
         assert math.isfinite(metrics[key]) and metrics[key] > 0
     assert params["latency_gpu_mode"] == "graph" and params["latency_gpu_dtype"] == "float32"

@@ -18,8 +18,14 @@ from prunelab.tracking.lifecycle import deferred_signals, reconcile, stop_on_sig
 from prunelab.train import train
 
 # long enough a fit (3 epochs of LeNet-5 on mnist5k) that a signal lands inside it
-RUN = ["data=mnist5k", "model=lenet5", "dense.epochs=1", "finetune.epochs=3", "logger.log_model=false",
-       "measure.latency=false"]
+RUN = [
+    "data=mnist5k",
+    "model=lenet5",
+    "dense.epochs=1",
+    "finetune.epochs=3",
+    "logger.log_model=false",
+    "measure.latency=false",
+]
 
 
 # the CLI, SIGKILLing itself at the worst moment of a fit: the first epoch's checkpoint is written (Lightning saves
@@ -32,12 +38,25 @@ runpy.run_module("prunelab.train", run_name="__main__", alter_sys=True)
 """
 
 
-def _start(root: Path, cache_root: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "prunelab.train")
-           ) -> subprocess.Popen:
+def _start(
+    root: Path, cache_root: Path, *overrides: str, entry: tuple[str, ...] = ("-m", "prunelab.train")
+) -> subprocess.Popen:
     """The CLI run of RUN recording into ``root``'s store, its checkpoints in ``root/job/checkpoints``."""
-    return subprocess.Popen([sys.executable, *entry, *RUN, *overrides, f"paths.root_dir={root}",
-                             f"paths.cache_dir={cache_root}", f"hydra.run.dir={root / 'job'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            *entry,
+            *RUN,
+            *overrides,
+            f"paths.root_dir={root}",
+            f"paths.cache_dir={cache_root}",
+            f"hydra.run.dir={root / 'job'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_epoch(proc: subprocess.Popen, folder: Path, timeout: float = 600) -> None:
@@ -82,8 +101,7 @@ def _curves(uri: str, run_id: str) -> dict[str, dict[int, float]]:
 
 
 @pytest.mark.slow  # three fits of RUN; the default run resumes every method (test_core_contract) and kills a CLI run
-def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cached, make_cfg, cache_root,
-                                                                       tmp_path):
+def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cached, make_cfg, cache_root, tmp_path):
     ref_uri = f"sqlite:///{tmp_path / 'reference.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = ref_uri  # the uninterrupted reference run, in a store of its own
     train(make_cfg(*RUN, fast=False))
@@ -119,10 +137,12 @@ def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cac
     assert resumed.data.metrics["test_acc"] == pytest.approx(ref_run.data.metrics["test_acc"])
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130,
-                                                                                 marks=pytest.mark.slow)])
-def test_signal_stops_the_run_killed_with_a_checkpoint_and_nonzero_exit(dense_cached, cache_root, tmp_path,
-                                                                         signum, status):
+@pytest.mark.parametrize(
+    "signum, status", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+)
+def test_signal_stops_the_run_killed_with_a_checkpoint_and_nonzero_exit(
+    dense_cached, cache_root, tmp_path, signum, status
+):
     proc = _start(tmp_path, cache_root)
     ckpts = tmp_path / "job" / "checkpoints"
     _wait_for_epoch(proc, ckpts)
@@ -195,10 +215,26 @@ def test_bad_value_fails_before_the_store_exists(make_cfg, tmp_path, override, m
 def magnitude_ckpt(tmp_path_factory, cache_root):
     """``last.ckpt`` of a finished magnitude run at 4× (weight granularity) on digits / lenet300."""
     root = tmp_path_factory.mktemp("magnitude")
-    proc = subprocess.run([sys.executable, "-m", "prunelab.train", "data=digits", "model=lenet300", "dense.epochs=2",
-                           "finetune.epochs=2", "logger.log_model=false", "measure.latency=false",
-                           "pruning.compression=4", f"paths.root_dir={root}", f"paths.cache_dir={cache_root}",
-                           f"hydra.run.dir={root}/run"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prunelab.train",
+            "data=digits",
+            "model=lenet300",
+            "dense.epochs=2",
+            "finetune.epochs=2",
+            "logger.log_model=false",
+            "measure.latency=false",
+            "pruning.compression=4",
+            f"paths.root_dir={root}",
+            f"paths.cache_dir={cache_root}",
+            f"hydra.run.dir={root}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "run" / "checkpoints" / "last.ckpt"
 
@@ -214,8 +250,7 @@ def magnitude_ckpt(tmp_path_factory, cache_root):
         ("seed=1", r"another configuration \(.*seed: checkpoint '0', now '1'"),
     ],
 )
-def test_checkpoint_of_another_run_is_refused_before_any_run(make_cfg, tmp_path, magnitude_ckpt, override,
-                                                             message):
+def test_checkpoint_of_another_run_is_refused_before_any_run(make_cfg, tmp_path, magnitude_ckpt, override, message):
     cfg = make_cfg("pruning.compression=4", *override.split(), f"ckpt_path={magnitude_ckpt}")
     with pytest.raises(ValueError, match=rf"ckpt_path='{magnitude_ckpt}' .*{message}"):
         train(cfg)

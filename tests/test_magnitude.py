@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, compacted_ratio, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, compacted_ratio, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import MagnitudePruning
 
@@ -64,8 +64,15 @@ def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
         def on_train_start(self, trainer, pl_module):
             seen.update(_masks(resumed))
 
-    fit_digits(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        opt,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     assert all(torch.equal(seen[n], saved[n]) for n in saved)  # state restored before training goes on
     final_full, final_resumed = _masks(full), _masks(resumed)
     assert all(torch.equal(final_full[n], final_resumed[n]) for n in final_full)
@@ -75,5 +82,5 @@ def test_resume_mid_prune_gives_bit_identical_masks(tmp_path):
 def test_layer_scope_prunes_every_layer_alike():
     pruning = MagnitudePruning(compression=5, mode="one_shot", scope="layer")
     fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS["adam"], epochs=1)
-    for name, mask in pruning.masks.masks.items():
+    for mask in pruning.masks.masks.values():
         assert abs((~mask).float().mean().item() - 0.8) < 0.01

@@ -35,13 +35,18 @@ print(json.dumps(out))
 @pytest.mark.slow  # a fit, then a fresh interpreter; test_logged_model_is_a_module_... loads one without a fit
 def test_model_loads_in_a_fresh_process_with_the_runs_test_accuracy(make_cfg, tmp_path):
     for method in ("magnitude", "admm"):
-        train(make_cfg(f"pruning={method}", "pruning.compression=4", "logger.log_model=true",
-                       "measure.latency=false"))
+        train(make_cfg(f"pruning={method}", "pruning.compression=4", "logger.log_model=true", "measure.latency=false"))
     runs = {r.data.params["method"]: r for r in runs_in(tmp_path)}
     assert sorted(runs) == ["admm", "magnitude"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/outputs/mlflow.db"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_AND_TEST, *(r.info.run_id for r in runs.values())],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_TEST, *(r.info.run_id for r in runs.values())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     for run in runs.values():
@@ -75,8 +80,9 @@ def test_a_dataset_another_run_inserted_first_is_logged_again_and_other_errors_r
     def log_input(dataset, context):
         calls.append(context)
         if calls.count("validation") == 1 and context == "validation":
-            raise MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint '
-                                  '"dataset_pk"')
+            raise MlflowException(
+                '(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"'
+            )
 
     monkeypatch.setattr(mlflow, "log_input", log_input)
     monkeypatch.setattr(model_log.time, "sleep", lambda seconds: None)
@@ -150,17 +156,31 @@ def _nets():
     from prunelab.models.architecture import rebuild
 
     torch.manual_seed(0)
-    bottleneck = rebuild(LeNet5(in_channels=1, image_size=28, num_classes=10), {"format": 1, "bottlenecks": {
-        "fc1": {"stages": [{"type": "linear", "in": 800, "out": 24, "bias": False},
-                           {"type": "linear", "in": 24, "out": 16, "bias": False},
-                           {"type": "linear", "in": 16, "out": 500, "bias": True}]}}})
+    bottleneck = rebuild(
+        LeNet5(in_channels=1, image_size=28, num_classes=10),
+        {
+            "format": 1,
+            "bottlenecks": {
+                "fc1": {
+                    "stages": [
+                        {"type": "linear", "in": 800, "out": 24, "bias": False},
+                        {"type": "linear", "in": 24, "out": 16, "bias": False},
+                        {"type": "linear", "in": 16, "out": 500, "bias": True},
+                    ]
+                }
+            },
+        },
+    )
     resnet = ResNet20(in_channels=3, image_size=16, num_classes=10)
     for m in resnet.modules():  # BatchNorm statistics other than the defaults, so that eval mode matters
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-    return {"lenet5": (LeNet5(in_channels=1, image_size=28, num_classes=10), (1, 28, 28)),
-            "eigendamage_like": (bottleneck, (1, 28, 28)), "resnet20": (resnet, (3, 16, 16)),
-            "shape_branch": (ShapeBranch(), (1, 8, 8))}
+    return {
+        "lenet5": (LeNet5(in_channels=1, image_size=28, num_classes=10), (1, 28, 28)),
+        "eigendamage_like": (bottleneck, (1, 28, 28)),
+        "resnet20": (resnet, (3, 16, 16)),
+        "shape_branch": (ShapeBranch(), (1, 8, 8)),
+    }
 
 
 def test_logged_model_is_a_module_that_loads_without_prunelab(tmp_path):
@@ -184,8 +204,14 @@ def test_logged_model_is_a_module_that_loads_without_prunelab(tmp_path):
         torch.save({"inputs": inputs, "logits": logits, "state": net.state_dict()}, tmp_path / f"{name}.pt")
         run_ids[name] = run.info.run_id
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    proc = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_PRUNELAB, json.dumps(run_ids), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_PRUNELAB, json.dumps(run_ids), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, result in loaded.items():

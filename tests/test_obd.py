@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import Killed, KillAt, achieved, dead_rows, fit_digits, same_init
+from callbacks import KillAt, Killed, achieved, dead_rows, fit_digits, same_init
 from prunelab.data import DigitsDataModule
 from prunelab.measure import measure
 from prunelab.models import LeNet5
@@ -27,11 +27,21 @@ class Recording(OBDPruning):
 
 def _fit(net, pruning, epochs=1):
     pl.seed_everything(0, workers=True)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pruning],
-                         num_sanity_val_steps=0, limit_train_batches=4, limit_val_batches=1)
-    trainer.fit(Classifier(net, 10, optimizer=partial(torch.optim.Adam, lr=1e-3)),
-                datamodule=DigitsDataModule(batch_size=128))
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[pruning],
+        num_sanity_val_steps=0,
+        limit_train_batches=4,
+        limit_val_batches=1,
+    )
+    trainer.fit(
+        Classifier(net, 10, optimizer=partial(torch.optim.Adam, lr=1e-3)), datamodule=DigitsDataModule(batch_size=128)
+    )
 
 
 def test_kron_saliency_is_half_the_kronecker_quadratic_form_of_a_removed_row():
@@ -121,23 +131,37 @@ def test_resume_between_rounds_gives_identical_masks(tmp_path):
 
     first = OBDPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
-                   ckpt=True)
-    assert 0 < first.current_sparsity and not first.done  # killed between two rounds
+        fit_digits(
+            fresh(),
+            first,
+            epochs=4,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+            ckpt=True,
+        )
+    assert first.current_sparsity > 0 and not first.done  # killed between two rounds
     resumed = OBDPruning(**kwargs)
-    fit_digits(fresh(), resumed, epochs=4, callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        epochs=4,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
     assert resumed.done and resumed.final_sparsity == full.final_sparsity
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rounds=0), r"pruning.rounds=0 must be an integer >= 1"),
-    (dict(prune_fraction=0.0), r"pruning.prune_fraction=0.0 must be a number > 0 and <= 1"),
-    (dict(criterion="full"), r"pruning.criterion='full' is not one of: diagonal, kron"),
-    (dict(granularity="weight"), r"Unknown OBD option\(s\) \['granularity'\]"),
-    (dict(fisher_batches=0), r"pruning.fisher_batches=0 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rounds=0), r"pruning.rounds=0 must be an integer >= 1"),
+        (dict(prune_fraction=0.0), r"pruning.prune_fraction=0.0 must be a number > 0 and <= 1"),
+        (dict(criterion="full"), r"pruning.criterion='full' is not one of: diagonal, kron"),
+        (dict(granularity="weight"), r"Unknown OBD option\(s\) \['granularity'\]"),
+        (dict(fisher_batches=0), r"pruning.fisher_batches=0 must be an integer >= 1"),
+    ],
+)
 def test_bad_input_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OBDPruning(compression=4, **kwargs)

@@ -57,8 +57,7 @@ def test_one_folder_split_by_seed_class_by_class(tmp_path):
     write_images(tmp_path, 10)
     split = {}
     for seed in (0, 0, 1):
-        data = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.3,
-                                     split_seed=seed)
+        data = ImageFolderDataModule(str(tmp_path), image_size=8, val_fraction=0.2, test_fraction=0.3, split_seed=seed)
         data.setup()
         parts = (data.train_indices, data.val_indices, data.test_indices)
         assert [len(p) for p in parts] == [15, 6, 9]
@@ -78,8 +77,9 @@ def test_train_folder_alone_carves_val_and_test(tmp_path):
 
 def test_gray_resized_and_cropped(tmp_path):
     write_images(tmp_path, 3, size=(20, 12))
-    data = ImageFolderDataModule(str(tmp_path), image_size=6, resize=8, channels=1, mean=[0.5], std=[0.25],
-                                 val_fraction=0.0, test_fraction=0.0)
+    data = ImageFolderDataModule(
+        str(tmp_path), image_size=6, resize=8, channels=1, mean=[0.5], std=[0.25], val_fraction=0.0, test_fraction=0.0
+    )
     data.setup()
     x, _ = next(iter(data.train_dataloader()))
     assert x.shape == (9, 1, 6, 6) and describe(data)["num_channels"] == 1
@@ -111,11 +111,20 @@ def test_imagefolder_config(make_cfg, tmp_path):
 
 # --- any LightningDataModule ---
 
+
 class ToyData(pl.LightningDataModule):
     """A foreign datamodule: ``images`` (N×C×H×W) and ``targets``; ``batch`` picks tuple or dict batches."""
 
-    def __init__(self, channels: int = 1, height: int = 16, width: int = 16, n_classes: int = 4, n: int = 16,
-                 batch: str = "tuple", **attributes) -> None:
+    def __init__(
+        self,
+        channels: int = 1,
+        height: int = 16,
+        width: int = 16,
+        n_classes: int = 4,
+        n: int = 16,
+        batch: str = "tuple",
+        **attributes,
+    ) -> None:
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         self.images = torch.randn(n, channels, height, width, generator=generator)
@@ -185,7 +194,8 @@ def test_custom_config_trains_a_torchvision_network_on_gray_data(make_cfg, tmp_p
     net = instantiate_model(cfg.model, shape)
     assert isinstance(net, RepeatChannels) and net.net.fc.out_features == 3
     module = Classifier(net, shape["num_classes"], optimizer=functools.partial(torch.optim.SGD, lr=0.01))
-    trainer = pl.Trainer(fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+    )
     trainer.fit(module, datamodule=data)
     assert np.isfinite(float(trainer.callback_metrics["train/loss"]))

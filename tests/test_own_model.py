@@ -54,17 +54,26 @@ def node(**cfg) -> OmegaConf:
     return OmegaConf.create(cfg)
 
 
-VIT = {"_target_": "torchvision.models.VisionTransformer", "patch_size": 8, "num_layers": 2, "num_heads": 2,
-       "hidden_dim": 32, "mlp_dim": 64}
+VIT = {
+    "_target_": "torchvision.models.VisionTransformer",
+    "patch_size": 8,
+    "num_layers": 2,
+    "num_heads": 2,
+    "hidden_dim": 32,
+    "mlp_dim": 64,
+}
 
 
-@pytest.mark.parametrize("overrides, shape, check", [
-    (["model=torchvision"], RGB32, lambda n: n.fc.out_features == 10),
-    (["model=torchvision", "model.name=mobilenet_v2"], RGB32, lambda n: n.classifier[-1].out_features == 10),
-    (["model=timm", "model.name=vit_tiny_patch16_224"], RGB32, lambda n: tuple(n.patch_embed.img_size) == (32, 32)),
-    (["model=timm"], GRAY16, lambda n: n.conv1.in_channels == 1),  # timm takes in_chans: no wrapper
-    (["model=lenet5"], GRAY16, lambda n: isinstance(n, LeNet5)),
-])
+@pytest.mark.parametrize(
+    "overrides, shape, check",
+    [
+        (["model=torchvision"], RGB32, lambda n: n.fc.out_features == 10),
+        (["model=torchvision", "model.name=mobilenet_v2"], RGB32, lambda n: n.classifier[-1].out_features == 10),
+        (["model=timm", "model.name=vit_tiny_patch16_224"], RGB32, lambda n: tuple(n.patch_embed.img_size) == (32, 32)),
+        (["model=timm"], GRAY16, lambda n: n.conv1.in_channels == 1),  # timm takes in_chans: no wrapper
+        (["model=lenet5"], GRAY16, lambda n: isinstance(n, LeNet5)),
+    ],
+)
 def test_configs_build_with_the_shape_arguments_they_take(make_cfg, overrides, shape, check):
     net = instantiate_model(make_cfg(*overrides).model, shape)
     assert check(net)
@@ -82,8 +91,9 @@ def test_torchvision_vision_transformer_class_gets_image_size():
 
 
 def test_own_module_without_shape_arguments(make_cfg):
-    net = instantiate_model(make_cfg("model=custom", f"model._target_={__name__}.FixedNet", "+model.width=4").model,
-                            RGB32)
+    net = instantiate_model(
+        make_cfg("model=custom", f"model._target_={__name__}.FixedNet", "+model.width=4").model, RGB32
+    )
     assert isinstance(net, FixedNet) and net.conv.out_channels == 4
 
 
@@ -95,8 +105,11 @@ def test_gray_data_repeated_into_an_rgb_network():
 
 
 def test_gray_data_refused_before_training():
-    with pytest.raises(ValueError, match=r"FixedNet takes 3 input channels; the data has 1\. "
-                                         r"Set model.adapt_channels=repeat"):
+    with pytest.raises(
+        ValueError,
+        match=r"FixedNet takes 3 input channels; the data has 1\. "
+        r"Set model.adapt_channels=repeat",
+    ):
         instantiate_model(node(_target_=f"{__name__}.FixedNet", adapt_channels="refuse"), GRAY16)
     with pytest.raises(ValueError, match="the data has 2"):  # only one gray channel is ever repeated
         instantiate_model(node(_target_=f"{__name__}.FixedNet"), {**GRAY16, "num_channels": 2})
@@ -107,8 +120,11 @@ def test_gray_data_refused_before_training():
 def test_shape_that_does_not_fit_fails_at_build_naming_model_and_shape():
     with pytest.raises(ValueError, match=r"FlatNet does not take inputs of shape \(3, 32, 32\)"):
         instantiate_model(node(_target_=f"{__name__}.FlatNet"), RGB32)
-    with pytest.raises(ValueError, match=r"FixedNet on inputs of shape \(3, 32, 32\) returns \(2, 10\); .*"
-                                         r"num_classes=5"):
+    with pytest.raises(
+        ValueError,
+        match=r"FixedNet on inputs of shape \(3, 32, 32\) returns \(2, 10\); .*"
+        r"num_classes=5",
+    ):
         instantiate_model(node(_target_=f"{__name__}.FixedNet"), {**RGB32, "num_classes": 5})
     with pytest.raises(ValueError, match=r"VisionTransformer does not take inputs of shape \(3, 32, 32\)"):
         instantiate_model(node(**VIT, image_size=64), RGB32)  # the config's own value is kept
@@ -120,8 +136,9 @@ def test_unknown_names_are_refused():
     with pytest.raises(ValueError, match="model.name='resnet1' is not a timm model"):
         instantiate_model(node(_target_="prunelab.models.factory.timm_model", name="resnet1"), RGB32)
     with pytest.raises(ValueError, match="model.weights='NOPE' is not a weights name of resnet18; valid: DEFAULT"):
-        instantiate_model(node(_target_="prunelab.models.factory.torchvision_model", name="resnet18",
-                               weights="NOPE"), RGB32)
+        instantiate_model(
+            node(_target_="prunelab.models.factory.torchvision_model", name="resnet18", weights="NOPE"), RGB32
+        )
 
 
 @pytest.fixture
@@ -139,8 +156,9 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_torchvision_pretrained_weights_from_the_hub_cache(make_cfg, hub):
-    net = instantiate_model(make_cfg("model=torchvision", "model.weights=IMAGENET1K_V1").model,
-                            {**RGB32, "num_classes": 1000})
+    net = instantiate_model(
+        make_cfg("model=torchvision", "model.weights=IMAGENET1K_V1").model, {**RGB32, "num_classes": 1000}
+    )
     assert all(torch.equal(v, hub[k]) for k, v in net.state_dict().items())
     net = instantiate_model(make_cfg("model=torchvision", "model.weights=DEFAULT").model, GRAY16)
     assert isinstance(net, RepeatChannels) and net.net.fc.out_features == 10  # head replaced for 10 classes
@@ -149,6 +167,7 @@ def test_torchvision_pretrained_weights_from_the_hub_cache(make_cfg, hub):
 
 
 # --- trained weights as the dense baseline ---
+
 
 def _fresh(seed: int) -> nn.Module:
     torch.manual_seed(seed)
@@ -184,8 +203,14 @@ def test_bare_weights_load_into_the_gray_adapter_and_back(tmp_path):
 def test_lightning_checkpoint_loads(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(8, 1, 16, 16), torch.arange(8) % 10), batch_size=4)
     module = Classifier(_fresh(1), 10, optimizer=functools.partial(torch.optim.SGD, lr=0.1))
-    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     net = _fresh(2)
@@ -210,8 +235,11 @@ def test_mlflow_model_uri_loads(tmp_path):
 def test_checkpoint_that_does_not_fit_names_the_key(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(LeNet5(in_channels=1, image_size=16, num_classes=5).state_dict(), path)
-    with pytest.raises(ValueError, match=rf"dense.checkpoint={path} does not fit the model \(LeNet5\): shape "
-                                         r"mismatch fc2.weight: checkpoint \(5, 500\) vs model \(10, 500\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"dense.checkpoint={path} does not fit the model \(LeNet5\): shape "
+        r"mismatch fc2.weight: checkpoint \(5, 500\) vs model \(10, 500\)",
+    ):
         load_dense_checkpoint(str(path), _fresh(0))
     torch.save(FixedNet().state_dict(), path)
     with pytest.raises(ValueError, match=r"missing keys conv1.weight, .*; unexpected keys conv.weight"):

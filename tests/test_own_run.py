@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import runs_in
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import runs_in
 from prunelab.train import train
 
 
@@ -24,7 +24,7 @@ class RunData(pl.LightningDataModule):
         self.labels = torch.arange(n) % 4
         for i, y in enumerate(self.labels.tolist()):
             r, c = divmod(y, 2)
-            self.images[i, 0, 6 * r:6 * r + 6, 6 * c:6 * c + 6] += 1.0
+            self.images[i, 0, 6 * r : 6 * r + 6, 6 * c : 6 * c + 6] += 1.0
         self.batch_size = batch_size
 
     def _loader(self, shuffle: bool = False) -> DataLoader:
@@ -61,8 +61,17 @@ def test_imagefolder_and_a_torchvision_network(make_cfg, tmp_path):
             (tmp_path / "images" / split / name).mkdir(parents=True)
             for i in range(count):
                 Image.new("RGB", (20, 20), colour).save(tmp_path / "images" / split / name / f"{i}.png")
-    metrics = train(make_cfg("data=imagefolder", f"data.root={tmp_path}/images", "data.image_size=16",
-                             "data.batch_size=4", "model=torchvision", "model.name=resnet18", "pruning.compression=4"))
+    metrics = train(
+        make_cfg(
+            "data=imagefolder",
+            f"data.root={tmp_path}/images",
+            "data.image_size=16",
+            "data.batch_size=4",
+            "model=torchvision",
+            "model.name=resnet18",
+            "pruning.compression=4",
+        )
+    )
     assert metrics["compression"] == pytest.approx(4.0, rel=0.02)
     (run,) = runs_in(tmp_path)
     assert run.data.params["model"] == "torchvision-resnet18" and run.data.params["dataset"] == "imagefolder"

@@ -17,14 +17,17 @@ from prunelab.pruning.quantize import load_quantized, quantize, scan_step, searc
 from prunelab.pruning.schedules import progressive_ratios, stage_bounds
 
 
-@pytest.mark.parametrize("compression, max_step, expected", [
-    (16, 32, [16]),                    # within one step: one-shot ADMM
-    (32, 32, [32]),
-    (64, 32, [8, 64]),                 # two equal steps of 8×
-    (1000, 32, [1000 ** 0.5, 1000]),   # two of 31.6×
-    (1000, 10, [10, 100, 1000]),       # three of 10×
-    (500, 32, [500 ** (1 / 2), 500]),  # 22.4×, then 22.4× again
-])
+@pytest.mark.parametrize(
+    "compression, max_step, expected",
+    [
+        (16, 32, [16]),  # within one step: one-shot ADMM
+        (32, 32, [32]),
+        (64, 32, [8, 64]),  # two equal steps of 8×
+        (1000, 32, [1000**0.5, 1000]),  # two of 31.6×
+        (1000, 10, [10, 100, 1000]),  # three of 10×
+        (500, 32, [500 ** (1 / 2), 500]),  # 22.4×, then 22.4× again
+    ],
+)
 def test_auto_schedule_is_the_fewest_equal_geometric_steps(compression, max_step, expected):
     ratios = progressive_ratios(compression, max_step)
     assert ratios == pytest.approx(expected) and ratios[-1] == compression  # the last step is the target, exactly
@@ -38,9 +41,13 @@ def test_explicit_and_auto_schedules_are_checked():
     assert check_progressive([10, 50], 100.0, 32.0, "weight") == [10.0, 50.0, 100.0]  # the target appended
     assert check_progressive([10, 100], 100.0, 32.0, "weight") == [10.0, 100.0]
     assert check_progressive("auto", 100.0, 32.0, "2:4") == [100.0]  # an N:M mask has one sparsity
-    for bad, message in [([50, 10], r"must increase"), ([10, 200], r"end at most at pruning.compression=100"),
-                         ([0.5, 10], r"pruning.progressive=0.5 must be a number > 1"), ("often", r"null, 'auto'"),
-                         ([], r"null, 'auto'")]:
+    for bad, message in [
+        ([50, 10], r"must increase"),
+        ([10, 200], r"end at most at pruning.compression=100"),
+        ([0.5, 10], r"pruning.progressive=0.5 must be a number > 1"),
+        ("often", r"null, 'auto'"),
+        ([], r"null, 'auto'"),
+    ]:
         with pytest.raises(ValueError, match=message):
             check_progressive(bad, 100.0, 32.0, "weight")
     with pytest.raises(ValueError, match=r"has one sparsity"):
@@ -80,8 +87,9 @@ def test_progressive_reaches_the_exact_ratio_and_zeros_stay_zero(cls):
     pruning = cls(compression=20, update_every=3, progressive="auto", progressive_max_step=3)
     assert pruning.ratios == pytest.approx([20 ** (1 / 3), 20 ** (2 / 3), 20])
     watch, nested = ZeroWatch(pruning), _nested(pruning)
-    trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS["sgd_momentum"], epochs=6,
-                         callbacks=[watch, nested])
+    trainer = fit_digits(
+        LeNet300(image_size=8), pruning, OPTIMIZERS["sgd_momentum"], epochs=6, callbacks=[watch, nested]
+    )
     assert pruning.done and nested.stages == {0, 1, 2} and watch.steps > 60
     assert watch.violations == 0 and nested.regrown == 0  # no pruned weight moved, none came back
     assert abs(achieved(pruning) - 20) / 20 < 0.02
@@ -107,12 +115,15 @@ def _state(pruning):
     return {k: {n: t.clone() for n, t in getattr(pruning, k).items()} for k in ("Z", "U", "latent")}
 
 
-@pytest.mark.parametrize("cls, kwargs, kill_at, stage, hard", [
-    (ADMMPruning, {}, 2, 1, False),                                 # stage 1 of 3, in its ADMM phase
-    (SLRPruning, {}, 2, 1, False),
-    (ADMMPruning, {"quantize": {"bits": 3}}, 5, 3, False),          # in the quantization ADMM
-    (ADMMPruning, {"quantize": {"bits": 3, "share": 0.5}}, 5, 3, True),  # retraining on the levels
-])
+@pytest.mark.parametrize(
+    "cls, kwargs, kill_at, stage, hard",
+    [
+        (ADMMPruning, {}, 2, 1, False),  # stage 1 of 3, in its ADMM phase
+        (SLRPruning, {}, 2, 1, False),
+        (ADMMPruning, {"quantize": {"bits": 3}}, 5, 3, False),  # in the quantization ADMM
+        (ADMMPruning, {"quantize": {"bits": 3, "share": 0.5}}, 5, 3, True),  # retraining on the levels
+    ],
+)
 def test_resume_mid_progressive_is_bit_identical(tmp_path, cls, kwargs, kill_at, stage, hard):
     kwargs = dict(compression=20, update_every=3, progressive="auto", progressive_max_step=3, **kwargs)
     fresh = same_init(lambda: LeNet300(image_size=8))
@@ -121,8 +132,14 @@ def test_resume_mid_progressive_is_bit_identical(tmp_path, cls, kwargs, kill_at,
     fit_digits(full_net, full, opt, epochs=6)
     first = cls(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, opt, epochs=6, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(kill_at)])
+        fit_digits(
+            fresh(),
+            first,
+            opt,
+            epochs=6,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(kill_at)],
+        )
     assert (first.stage, first.stage_hard) == (stage, hard) and bool(first.latent) == hard
     saved, resumed, net, seen = _state(first), cls(**kwargs), fresh(), {}
 
@@ -130,8 +147,15 @@ def test_resume_mid_progressive_is_bit_identical(tmp_path, cls, kwargs, kill_at,
         def on_train_start(self, trainer, pl_module):
             seen.update(_state(resumed), stage=resumed.stage, hard=resumed.stage_hard, rho=resumed.rho)
 
-    fit_digits(net, resumed, opt, epochs=6, ckpt=True, ckpt_path=tmp_path / "last.ckpt",
-               callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")])
+    fit_digits(
+        net,
+        resumed,
+        opt,
+        epochs=6,
+        ckpt=True,
+        ckpt_path=tmp_path / "last.ckpt",
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+    )
     assert (seen["stage"], seen["hard"], seen["rho"]) == (first.stage, first.stage_hard, first.rho)
     for kind in saved:
         assert saved[kind].keys() == seen[kind].keys()

@@ -90,7 +90,7 @@ def test_per_layer_table_is_respected():
 
 
 def test_cubic_schedule_endpoints_and_monotone():
-    values = [schedules.cubic(t, 0, 100, 0.9) for t in range(0, 101)]
+    values = [schedules.cubic(t, 0, 100, 0.9) for t in range(101)]
     assert values[0] == 0.0 and values[-1] == pytest.approx(0.9)
     assert all(b >= a for a, b in zip(values, values[1:]))
     assert schedules.cubic(50, 0, 100, 0.9) == pytest.approx(0.9 * (1 - 0.5**3))

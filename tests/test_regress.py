@@ -9,8 +9,16 @@ import pytest
 
 from prunelab.tracking import regress
 
-GRID = ["data=digits", "model=lenet300", "pruning=magnitude", "pruning.scope=layer", "pruning.compression=4,32",
-        "seed=0,1", "dense.epochs=4", "finetune.epochs=3"]
+GRID = [
+    "data=digits",
+    "model=lenet300",
+    "pruning=magnitude",
+    "pruning.scope=layer",
+    "pruning.compression=4,32",
+    "seed=0,1",
+    "dense.epochs=4",
+    "finetune.epochs=3",
+]
 
 
 def _cell(mean, std=0.5, n=3):
@@ -21,7 +29,7 @@ def test_band_is_twice_the_std_or_the_floor():
     base = {"floor": 1.0, "cells": {"a": _cell(98.0, std=2.0), "b": _cell(98.0, std=0.1), "c": _cell(90.0)}}
     now = {"a": _cell(94.1), "b": _cell(96.9), "c": _cell(None, n=0), "d": _cell(50.0)}
     table = regress.compare(base, now).set_index("cell")
-    assert table.loc["a", "band"] == 4.0 and table.loc["a", "verdict"] == "ok"        # 98 − 94.1 = 3.9 ≤ 4
+    assert table.loc["a", "band"] == 4.0 and table.loc["a", "verdict"] == "ok"  # 98 − 94.1 = 3.9 ≤ 4
     assert table.loc["b", "band"] == 1.0 and table.loc["b", "verdict"] == "REGRESSED"  # 1.1 > floor 1.0
     assert table.loc["c", "verdict"] == "missing"
     assert table.loc["d", "verdict"] == "new"
@@ -30,8 +38,24 @@ def test_band_is_twice_the_std_or_the_floor():
 def _gate(tmp_path, baseline, *extra):
     env = {**os.environ, "PRUNELAB_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "prunelab.tracking.regress", "--baseline", str(baseline), "--grid",
-                           "regress", *extra, "--", *GRID], capture_output=True, text=True, env=env, timeout=1200)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prunelab.tracking.regress",
+            "--baseline",
+            str(baseline),
+            "--grid",
+            "regress",
+            *extra,
+            "--",
+            *GRID,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1200,
+    )
 
 
 @pytest.mark.slow

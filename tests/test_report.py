@@ -17,11 +17,26 @@ from prunelab.tracking.ui import method_color
 
 def _run(exp, sweep, method, ratio, seed, acc, collapsed=False, latency=None, dense=97.0):
     with mlflow.start_run(experiment_id=exp, tags={"sweep_id": sweep, "collapsed": str(collapsed).lower()}):
-        mlflow.log_params({"dataset": "mnist5k", "model": "lenet5", "method": method, "granularity": "weight",
-                           "compression_target": ratio, "seed": seed})
-        mlflow.log_metrics({"test_acc": acc, "dense_test_acc": dense + seed, "compression": ratio,
-                            "macs_reduction": ratio / 2, "latency_cpu_b1_ms": latency or 1.0 / ratio,
-                            "latency_cpu_b1_iqr_ms": 0.1 * (latency or 1.0 / ratio)})
+        mlflow.log_params(
+            {
+                "dataset": "mnist5k",
+                "model": "lenet5",
+                "method": method,
+                "granularity": "weight",
+                "compression_target": ratio,
+                "seed": seed,
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "test_acc": acc,
+                "dense_test_acc": dense + seed,
+                "compression": ratio,
+                "macs_reduction": ratio / 2,
+                "latency_cpu_b1_ms": latency or 1.0 / ratio,
+                "latency_cpu_b1_iqr_ms": 0.1 * (latency or 1.0 / ratio),
+            }
+        )
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, achieved, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, achieved, fit_digits, same_init
 from prunelab.models import LeNet5, LeNet300
 from prunelab.pruning import METHODS, ADMMPruning, SLRPruning
 from prunelab.pruning.slr import step_decay
@@ -86,8 +86,9 @@ def test_acceptance_and_step_size_on_scripted_losses():
 
 def test_growing_rho_rescales_u_and_leaves_the_multiplier_unchanged():
     """ρ doubles after each update up to rho_max; the step rule moves Λ = ρU, which must not jump when ρ does."""
-    fixed, growing = (SLRPruning(compression=2, rho=0.1, initial_s=0.5, M=2.0, r=0.5, rho_growth=g, rho_max=0.3)
-                      for g in (1.0, 2.0))
+    fixed, growing = (
+        SLRPruning(compression=2, rho=0.1, initial_s=0.5, M=2.0, r=0.5, rho_growth=g, rho_max=0.3) for g in (1.0, 2.0)
+    )
     for cb in (fixed, growing):
         net = nn.Sequential(nn.Linear(4, 1, bias=False))
         _set(net, [3.0, -2.0, 0.5, 0.1])
@@ -110,8 +111,15 @@ def test_no_regrowth_and_curves(opt):
     assert watch.steps > 30 and watch.violations == 0
     assert pruning.phase == "finetune" and abs(achieved(pruning) - 10) / 10 < 0.02
     assert pruning.k > 1 and 0.0 <= pruning.acc_after_hard_prune <= 1.0
-    keys = {"slr/condition1", "slr/condition2", "slr/s", "slr/alpha", "slr/k", "slr/primal_residual",
-            "slr/acc_after_hard_prune"}
+    keys = {
+        "slr/condition1",
+        "slr/condition2",
+        "slr/s",
+        "slr/alpha",
+        "slr/k",
+        "slr/primal_residual",
+        "slr/acc_after_hard_prune",
+    }
     assert keys <= set(trainer.callback_metrics)
 
 
@@ -134,8 +142,14 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
     fit_digits(fresh(), full, opt, epochs=4)
     first = SLRPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, opt, epochs=4, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+        fit_digits(
+            fresh(),
+            first,
+            opt,
+            epochs=4,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+        )
     assert first.phase == "prune" and first.k > 2 and first.loss_count > 0  # killed mid-SLR, mid-period
     kinds = ("Z", "U", "W_prev", "Z_prev")
     scalars = ("s", "k", "loss_prev", "loss_count", "accepted", "last_update")
@@ -148,8 +162,15 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
             seen.update({k: {n: t.clone() for n, t in getattr(resumed, k).items()} for k in kinds})
             seen.update({k: copy(getattr(resumed, k)) for k in scalars} | {"loss_sum": float(resumed.loss_sum)})
 
-    fit_digits(fresh(), resumed, opt, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        opt,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     for k in kinds:
         assert saved[k] and all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert {k: seen[k] for k in saved_scalars} == saved_scalars
@@ -157,17 +178,20 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"initial_s": 0}, r"pruning.initial_s=0 must be a number > 0"),
-    ({"M": 1}, r"pruning.M=1 must be a number > 1"),
-    ({"r": 1.0}, r"pruning.r=1.0 must be a number > 0 and < 1"),
-    ({"r": "0.1"}, r"pruning.r='0.1'"),
-    ({"rho": -1}, r"pruning.rho=-1"),
-    ({"update_every": 0}, r"pruning.update_every=0"),
-    ({"rho_growth": 0.5}, r"pruning.rho_growth=0.5"),
-    ({"rho": 0.5}, r"pruning.rho_max=0.3 must be >= pruning.rho=0.5"),
-    ({"quantize": {"bits": 4}}, r"Unknown SLR option\(s\) \['quantize'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"initial_s": 0}, r"pruning.initial_s=0 must be a number > 0"),
+        ({"M": 1}, r"pruning.M=1 must be a number > 1"),
+        ({"r": 1.0}, r"pruning.r=1.0 must be a number > 0 and < 1"),
+        ({"r": "0.1"}, r"pruning.r='0.1'"),
+        ({"rho": -1}, r"pruning.rho=-1"),
+        ({"update_every": 0}, r"pruning.update_every=0"),
+        ({"rho_growth": 0.5}, r"pruning.rho_growth=0.5"),
+        ({"rho": 0.5}, r"pruning.rho_max=0.3 must be >= pruning.rho=0.5"),
+        ({"quantize": {"bits": 4}}, r"Unknown SLR option\(s\) \['quantize'\]"),
+    ],
+)
 def test_bad_hyperparameters_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SLRPruning(compression=8, **kwargs)
@@ -184,6 +208,8 @@ def test_registered_and_records_curves_in_mlflow(make_cfg, tmp_path):
     assert abs(metrics["compression"] - 4) / 4 < 0.02
     (run,) = runs_in(tmp_path)
     assert run.data.params["method"] == "slr" and run.data.params["pruning.M"] == "300"
-    history = {k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k) for k in
-               ("slr/condition1", "slr/condition2", "slr/s", "slr/k", "slr/acc_after_hard_prune")}
+    history = {
+        k: mlflow.MlflowClient().get_metric_history(run.info.run_id, k)
+        for k in ("slr/condition1", "slr/condition2", "slr/s", "slr/k", "slr/acc_after_hard_prune")
+    }
     assert all(history.values()), {k: len(v) for k, v in history.items()}

@@ -6,10 +6,10 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
-from callbacks import OPTIMIZERS, Killed, KillAt, ZeroWatch, compacted_ratio, fit_digits, same_init
+from callbacks import OPTIMIZERS, KillAt, Killed, ZeroWatch, compacted_ratio, fit_digits, same_init
 from prunelab.measure import compact
 from prunelab.models import LeNet5, LeNet300
-from prunelab.pruning import METHODS, SPPPruning, groups
+from prunelab.pruning import METHODS, SPPPruning
 
 FAST = dict(A=0.5)  # 11 steps per epoch on digits at batch 128: every layer done in about 2 epochs
 
@@ -74,8 +74,12 @@ def test_finalize_prunes_highest_p_then_lowest_score():
 
 
 def _counts(pruning, net):
-    fresh = SPPPruning(compression=pruning.compression, granularity=pruning.granularity, scope=pruning.scope,
-                       layer_sparsity=pruning.layer_sparsity)
+    fresh = SPPPruning(
+        compression=pruning.compression,
+        granularity=pruning.granularity,
+        scope=pruning.scope,
+        layer_sparsity=pruning.layer_sparsity,
+    )
     fresh.bind(net)
     if fresh.counts_compacted and not fresh.layer_sparsity:  # as the core does before start()
         fresh.example_input = torch.zeros(1, 1, 8, 8)
@@ -89,16 +93,21 @@ def _removable(pruning) -> dict[str, int]:
     masks = pruning.masks.masks
     if pruning.granularity == "filter":
         return {n: int((~masks[n].flatten(1).any(1)).sum()) for n in ("conv1", "conv2", "fc1")}
-    unread = {n: int((~masks[n].reshape(masks[n].shape[0], c, -1).any(2).any(0)).sum())
-              for n, c in (("conv2", 20), ("fc1", 50), ("fc2", 500))}  # fc1 reads conv2's 50 channels × 2×2
+    unread = {
+        n: int((~masks[n].reshape(masks[n].shape[0], c, -1).any(2).any(0)).sum())
+        for n, c in (("conv2", 20), ("fc1", 50), ("fc2", 500))
+    }  # fc1 reads conv2's 50 channels × 2×2
     return {"conv1": unread["conv2"], "conv2": unread["fc1"], "fc1": unread["fc2"]}
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(granularity="column", scope="lamp"),
-    dict(granularity="filter", scope="layer", mask_mode="element", score_decay=0.9),
-    dict(granularity="filter", layer_sparsity={"conv1": 0.5, "conv2": 0.75, "fc1": 0.9}, increment="linear"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(granularity="column", scope="lamp"),
+        dict(granularity="filter", scope="layer", mask_mode="element", score_decay=0.9),
+        dict(granularity="filter", layer_sparsity={"conv1": 0.5, "conv2": 0.75, "fc1": 0.9}, increment="linear"),
+    ],
+)
 def test_exact_group_counts_and_compacted_channels(kwargs):
     torch.manual_seed(0)
     net = LeNet5(image_size=8)
@@ -115,8 +124,11 @@ def test_exact_group_counts_and_compacted_channels(kwargs):
     dead = _removable(pruning)
     assert sum(dead.values()) > 0
     result = compact(net.eval(), torch.zeros(1, 1, 8, 8))
-    kept = {"conv1": result.net.conv1.out_channels, "conv2": result.net.conv2.out_channels,
-            "fc1": result.net.fc1.out_features}
+    kept = {
+        "conv1": result.net.conv1.out_channels,
+        "conv2": result.net.conv2.out_channels,
+        "fc1": result.net.fc1.out_features,
+    }
     assert kept == {"conv1": 20 - dead["conv1"], "conv2": 50 - dead["conv2"], "fc1": 500 - dead["fc1"]}
 
 
@@ -172,8 +184,10 @@ def test_dropped_weights_come_back_bit_identical(mask_mode):
 
     class Eval(pl.Callback):  # validation sees the deterministic mask: no drop, zeros exactly the pruned weights
         def on_validation_batch_start(self, trainer, pl_module, *args):
-            seen_in_eval.append(not pruning.masks.transient and all(
-                torch.equal(m.weight != 0, pruning.masks.masks[n]) for n, m in pruning.masks.modules.items()))
+            seen_in_eval.append(
+                not pruning.masks.transient
+                and all(torch.equal(m.weight != 0, pruning.masks.masks[n]) for n, m in pruning.masks.modules.items())
+            )
 
     fit_digits(LeNet300(image_size=8), pruning, callbacks=[Eval()], epochs=2)
     dropped_total = 0
@@ -216,8 +230,13 @@ def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
     fit_digits(fresh(), full, epochs=4)
     first = SPPPruning(**kwargs)
     with pytest.raises(Killed):
-        fit_digits(fresh(), first, epochs=4, ckpt=True,
-                   callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)])
+        fit_digits(
+            fresh(),
+            first,
+            epochs=4,
+            ckpt=True,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
+        )
     assert not first.done and any(first.pruned_count(n) for n in first.counts)  # killed mid-prune
     saved = {k: {n: t.clone() for n, t in d.items()} for k, d in first.layer_tensors().items()}
     resumed, seen = SPPPruning(**kwargs), {}
@@ -227,8 +246,14 @@ def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
             seen.update({k: {n: t.clone() for n, t in d.items()} for k, d in resumed.layer_tensors().items()})
             seen["gen"] = resumed.gen.get_state()
 
-    fit_digits(fresh(), resumed, epochs=4, callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
-               ckpt_path=tmp_path / "last.ckpt", ckpt=True)
+    fit_digits(
+        fresh(),
+        resumed,
+        epochs=4,
+        callbacks=[Peek(), ModelCheckpoint(dirpath=tmp_path / "b")],
+        ckpt_path=tmp_path / "last.ckpt",
+        ckpt=True,
+    )
     for k in saved:
         assert all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert torch.equal(seen["gen"], first.gen.get_state())
@@ -238,20 +263,23 @@ def test_resume_mid_prune_gives_identical_p_and_masks(tmp_path):
     assert full.finished_at == resumed.finished_at and full.done and resumed.done
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"granularity": "weight"}, r"pruning.granularity='weight' is not one of: column, filter"),
-    ({"granularity": "2:4"}, r"pruning.granularity='2:4'"),
-    ({"A": 0}, r"pruning.A=0 must be a number > 0 and <= 1"),
-    ({"A": 1.5}, r"pruning.A=1.5"),
-    ({"u": 0.5}, r"pruning.u=0.5 must be a number > 0 and < 0.5"),
-    ({"prune_interval": 0}, r"pruning.prune_interval=0 must be an integer >= 1"),
-    ({"prune_interval": 2.5}, r"pruning.prune_interval=2.5"),
-    ({"prune_fraction": 0}, r"pruning.prune_fraction=0"),
-    ({"mask_mode": "row"}, r"pruning.mask_mode='row' is not one of: group, element"),
-    ({"score_decay": 1.0}, r"pruning.score_decay=1.0 must be a number >= 0 and < 1"),
-    ({"increment": "cubic"}, r"pruning.increment='cubic' is not one of: exponential, linear"),
-    ({"AA": 0.05}, r"Unknown SPP option\(s\) \['AA'\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"granularity": "weight"}, r"pruning.granularity='weight' is not one of: column, filter"),
+        ({"granularity": "2:4"}, r"pruning.granularity='2:4'"),
+        ({"A": 0}, r"pruning.A=0 must be a number > 0 and <= 1"),
+        ({"A": 1.5}, r"pruning.A=1.5"),
+        ({"u": 0.5}, r"pruning.u=0.5 must be a number > 0 and < 0.5"),
+        ({"prune_interval": 0}, r"pruning.prune_interval=0 must be an integer >= 1"),
+        ({"prune_interval": 2.5}, r"pruning.prune_interval=2.5"),
+        ({"prune_fraction": 0}, r"pruning.prune_fraction=0"),
+        ({"mask_mode": "row"}, r"pruning.mask_mode='row' is not one of: group, element"),
+        ({"score_decay": 1.0}, r"pruning.score_decay=1.0 must be a number >= 0 and < 1"),
+        ({"increment": "cubic"}, r"pruning.increment='cubic' is not one of: exponential, linear"),
+        ({"AA": 0.05}, r"Unknown SPP option\(s\) \['AA'\]"),
+    ],
+)
 def test_bad_hyperparameters_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SPPPruning(compression=8, **kwargs)

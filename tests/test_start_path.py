@@ -12,8 +12,8 @@ import sys
 import mlflow
 import pytest
 import torch
-from conftest import runs_in
 
+from conftest import runs_in
 from prunelab.dense import cache_dir
 from prunelab.tracking.resume import FinishedRunError
 from prunelab.train import train
@@ -52,13 +52,15 @@ def test_a_tracking_uri_mlflow_cannot_record_in_names_the_variable(make_cfg, tmp
 
 def test_an_unwritable_prunelab_root_fails_in_one_line_before_hydra(tmp_path):
     env = {**os.environ, "PRUNELAB_ROOT": "/proc/forbidden"}
-    proc = subprocess.run([sys.executable, "-m", "prunelab.train"], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunelab.train"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "ValueError: PRUNELAB_ROOT='/proc/forbidden' cannot hold prunelab's data and outputs: nothing can be created "
         "in /proc (No such file or directory). Point it at a folder you can write to, or unset it to use the current "
-        "folder"]
+        "folder"
+    ]
     assert not (tmp_path / "outputs").exists()
 
 

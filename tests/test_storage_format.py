@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from prunelab.measure import encoding
-from prunelab.measure.encoding import (canonical_codes, code_lengths, decode, encode, huffman_decode, huffman_encode,
-                                       relative_entries)
+from prunelab.measure.encoding import (
+    canonical_codes,
+    code_lengths,
+    decode,
+    encode,
+    huffman_decode,
+    huffman_encode,
+    relative_entries,
+)
 from prunelab.measure.storage import load_encoded, save_encoded, save_sparse
 from prunelab.models import LeNet5
 from prunelab.pruning.quantize import levels_from_bits, quantize, scan_step
@@ -30,9 +37,13 @@ def _same(a, b):
 
 @pytest.mark.parametrize("density", [0.5, 0.01, 0.001, 0.0, 1.0])
 def test_float32_round_trip_is_bit_exact(density):
-    state = {"fc.weight": _sparse((300, 200), density), "fc.bias": torch.randn(300),
-             "bn.num_batches_tracked": torch.tensor(7), "flags": torch.tensor([True, False]),
-             "conv.weight": _sparse((8, 3, 5, 5), density, seed=1)}
+    state = {
+        "fc.weight": _sparse((300, 200), density),
+        "fc.bias": torch.randn(300),
+        "bn.num_batches_tracked": torch.tensor(7),
+        "flags": torch.tensor([True, False]),
+        "conv.weight": _sparse((8, 3, 5, 5), density, seed=1),
+    }
     blob = encode(state, ["fc.weight", "conv.weight"])
     _same(decode(blob), state)
     nonzero = int(state["fc.weight"].count_nonzero() + state["conv.weight"].count_nonzero())
@@ -157,6 +168,8 @@ def test_lenet5_quantized_stores_smaller_than_bitmask_and_values(tmp_path, ratio
     dense_all = 4 * sum(t.numel() for t in sd.values())
     dense_w = 4 * sum(t.numel() for t in weights.values())
     kept = sum(int(t.count_nonzero()) for t in weights.values())
-    print(f"\nLeNet-5 {ratio}x ({kept} weights kept, 3-bit codes): stored {stored} B (bitmask+values npz {bitmask} B); "
-          f"vs dense float32 with biases {dense_all / stored:.0f}x; weights only {weights_only} B, "
-          f"{dense_w / weights_only:.0f}x")
+    print(
+        f"\nLeNet-5 {ratio}x ({kept} weights kept, 3-bit codes): stored {stored} B (bitmask+values npz {bitmask} B); "
+        f"vs dense float32 with biases {dense_all / stored:.0f}x; weights only {weights_only} B, "
+        f"{dense_w / weights_only:.0f}x"
+    )

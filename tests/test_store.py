@@ -7,13 +7,17 @@ import sys
 
 import mlflow
 import pytest
-
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
 
 from prunelab.tracking.runs import main as runs_cli
-from prunelab.tracking.store import (StoreBrokenError, TrackingUnavailableError, ensure_experiment, schema_problems,
-                                     tracking_uri)
+from prunelab.tracking.store import (
+    StoreBrokenError,
+    TrackingUnavailableError,
+    ensure_experiment,
+    schema_problems,
+    tracking_uri,
+)
 from prunelab.tracking.teamserver import free_port
 
 # every process imports MLflow, says so, then waits for the same moment to touch the store
@@ -31,8 +35,12 @@ print(ensure_experiment(sys.argv[1], "prunelab"))
 def start_together(uri: str, tmp_path, n: int) -> list[subprocess.CompletedProcess]:
     """``n`` processes whose first use of ``uri`` starts at the same moment."""
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _FIRST_USE, uri, str(go)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_USE, uri, str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(n)
+    ]
     for p in procs:
         assert p.stdout.readline().strip() == "ready"
     go.touch()
@@ -107,19 +115,31 @@ def test_tracking_uri_creates_nothing(tmp_path):
 
 def test_dead_server_fails_fast_with_one_message():
     uri = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(TrackingUnavailableError, match=rf"tracking server {uri} did not answer within "
-                                                       r"logger.connect_timeout=2 s"):
+    with pytest.raises(
+        TrackingUnavailableError,
+        match=rf"tracking server {uri} did not answer within "
+        r"logger.connect_timeout=2 s",
+    ):
         ensure_experiment(uri, "prunelab", connect_timeout=2)
 
 
 @pytest.mark.parametrize("multirun", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_cli_against_a_dead_server_exits_nonzero_at_once(tmp_path, multirun):
     uri = f"http://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "prunelab.train", *(["-m"] if multirun else []), "data=digits", "model=lenet300",
-           "logger.connect_timeout=2", "pruning.compression=2,4" if multirun else "pruning.compression=2",
-           f"paths.root_dir={tmp_path}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    cmd = [
+        sys.executable,
+        "-m",
+        "prunelab.train",
+        *(["-m"] if multirun else []),
+        "data=digits",
+        "model=lenet300",
+        "logger.connect_timeout=2",
+        "pruning.compression=2,4" if multirun else "pruning.compression=2",
+        f"paths.root_dir={tmp_path}",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "MLFLOW_TRACKING_URI": uri}
+    )
     assert proc.returncode != 0
     output = proc.stdout + proc.stderr  # Hydra logs to stdout, prints an uncaught error to stderr
     assert output.count("did not answer within logger.connect_timeout=2 s") == 1, output[-3000:]

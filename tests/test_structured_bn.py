@@ -28,7 +28,9 @@ def _net(name: str, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                m.bias.uniform_(0.1, 0.5)  # as in a trained net: shifts that ReLU passes on (not removable unless zeroed)
+                m.bias.uniform_(
+                    0.1, 0.5
+                )  # as in a trained net: shifts that ReLU passes on (not removable unless zeroed)
     return net
 
 
@@ -43,8 +45,11 @@ def _tp_batchnorms(net: nn.Module) -> dict[str, set[nn.Module]]:
     for name, conv in net.named_modules():
         if isinstance(conv, nn.Conv2d):
             group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0])
-            found[name] = {it.dep.target.module for it in group.items
-                           if isinstance(it.dep.target.module, nn.BatchNorm2d) and it.dep.source.module is conv}
+            found[name] = {
+                it.dep.target.module
+                for it in group.items
+                if isinstance(it.dep.target.module, nn.BatchNorm2d) and it.dep.source.module is conv
+            }
     return found
 
 
@@ -52,8 +57,15 @@ def _fit(net: nn.Module, pruning: MagnitudePruning, epochs: int = 2) -> ZeroWatc
     pl.seed_everything(0, workers=True)
     x, y = torch.randn(64, 3, SIZE, SIZE), torch.randint(0, 10, (64,))
     watch = ZeroWatch(pruning)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[pruning, watch])
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[pruning, watch],
+    )
     trainer.fit(Classifier(net, 10, optimizer=SGD), DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True))
     return watch
 
@@ -75,9 +87,14 @@ def test_dependents_are_the_batchnorm_each_layer_feeds(name):
 
 # resnet20/global: filters of the residual stream (conv2, shortcut) are coupled across blocks, so a channel goes only
 # when every producer pruned it; mostly the blocks' inner channels go (≈1.26× measured; ≈2× with scope=layer).
-@pytest.mark.parametrize(("name", "scope", "min_reduction"),
-                         [pytest.param("vgg16", "global", 1.2, marks=pytest.mark.slow), ("resnet20", "global", 1.15),
-                          ("resnet20", "layer", 1.5)])
+@pytest.mark.parametrize(
+    ("name", "scope", "min_reduction"),
+    [
+        pytest.param("vgg16", "global", 1.2, marks=pytest.mark.slow),
+        ("resnet20", "global", 1.15),
+        ("resnet20", "layer", 1.5),
+    ],
+)
 def test_filter_pruning_removes_channels_through_batchnorm(name, scope, min_reduction):
     net = _net(name)
     pruning = MagnitudePruning(compression=2, mode="one_shot", granularity="filter", scope=scope)
@@ -143,8 +160,9 @@ def test_other_granularities_leave_biases_and_batchnorm_alone(granularity):
     net = _net("resnet20")
     kept = [p for m in net.modules() if isinstance(m, nn.BatchNorm2d) for p in (m.weight, m.bias)]
     before = [p.clone() for p in kept]
-    pruning = MagnitudePruning(compression=2, mode="one_shot", granularity=granularity,
-                               exclude=["conv1"] if granularity == "2:4" else None)  # 3·3·3 inputs: not N:M
+    pruning = MagnitudePruning(
+        compression=2, mode="one_shot", granularity=granularity, exclude=["conv1"] if granularity == "2:4" else None
+    )  # 3·3·3 inputs: not N:M
     pruning.bind(net)
     pruning.example_input = _example()
     assert pruning.masks.dependents == {}

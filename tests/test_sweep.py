@@ -12,13 +12,24 @@ from prunelab.tracking import report
 from prunelab.tracking.record import FINAL_METRICS
 from prunelab.tracking.sweep import KIND_TAG
 
-SWEEP = [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
-         "finetune.epochs=1", "logger.log_model=false", "measure.latency=false"]
+SWEEP = [
+    sys.executable,
+    "-m",
+    "prunelab.train",
+    "-m",
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=1",
+    "finetune.epochs=1",
+    "logger.log_model=false",
+    "measure.latency=false",
+]
 
 
 def _sweep(tmp_path, *overrides):
-    proc = subprocess.run([*SWEEP, *overrides, f"paths.root_dir={tmp_path}"], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [*SWEEP, *overrides, f"paths.root_dir={tmp_path}"], capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = runs_in(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get(KIND_TAG) == "sweep"]
@@ -38,8 +49,9 @@ def test_two_by_two_sweep_has_one_parent_and_tagged_children(tmp_path):
     assert sorted(c.data.tags["dense_cache_hit"] for c in children) == ["False", "False", "True", "True"]
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "report")}
     assert files == {f"report/{f}" for f in ("accuracy.png", "accuracy.html", "table.json", "table.md")}
-    table = mlflow.MlflowClient().load_table(parent.info.experiment_id, "report/table.json",
-                                             run_ids=[parent.info.run_id])
+    table = mlflow.MlflowClient().load_table(
+        parent.info.experiment_id, "report/table.json", run_ids=[parent.info.run_id]
+    )
     assert sorted(table["compression_target"]) == [2, 4] and (table["seeds"] == 2).all()
     assert "| digits | lenet300 | magnitude | 4 |" in proc.stdout
 
@@ -58,8 +70,16 @@ def test_failing_job_is_failed_and_the_others_finish(tmp_path):
 
 def _fake_run(exp, dataset, method, ratio, seed, acc, status="FINISHED", **metrics):
     with mlflow.start_run(experiment_id=exp, tags={"sweep_id": "s1"}) as run:
-        mlflow.log_params({"dataset": dataset, "model": "lenet5", "method": method, "granularity": "weight",
-                           "compression_target": ratio, "seed": seed})
+        mlflow.log_params(
+            {
+                "dataset": dataset,
+                "model": "lenet5",
+                "method": method,
+                "granularity": "weight",
+                "compression_target": ratio,
+                "seed": seed,
+            }
+        )
         if status == "FINISHED":
             mlflow.log_metrics({"test_acc": acc, "compression": ratio, "macs_reduction": 1.0, **metrics})
         else:
@@ -108,8 +128,9 @@ def _count_metrics(run) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["local_parallel", "ray_local"])
 def test_parallel_launchers_on_a_fresh_store_lose_nothing(tmp_path, launcher):
-    proc, parent, children = _sweep(tmp_path, f"hydra/launcher={launcher}", "num_threads=1", "finetune.epochs=2",
-                                    "pruning.compression=2,4,8,16")
+    proc, parent, children = _sweep(
+        tmp_path, f"hydra/launcher={launcher}", "num_threads=1", "finetune.epochs=2", "pruning.compression=2,4,8,16"
+    )
     assert "database is locked" not in proc.stderr + proc.stdout
     assert sorted(c.data.params["compression_target"] for c in children) == ["16", "2", "4", "8"]
     assert all(c.info.status == "FINISHED" for c in children)

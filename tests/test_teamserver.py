@@ -13,8 +13,10 @@ from prunelab.tracking.sweep import KIND_TAG
 from prunelab.tracking.teamserver import postgres, postgres_bin, team_server
 from test_store import start_together
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(postgres_bin() is None,
-                                                   reason="PostgreSQL not installed (apt-get install postgresql)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL not installed (apt-get install postgresql)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +27,26 @@ def server(tmp_path_factory):
 
 def test_parallel_sweep_on_the_postgresql_server_loses_nothing(server, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
-         "finetune.epochs=2", "measure.latency=false", "pruning.compression=2,4,8", "hydra/launcher=local_parallel",
-         "num_threads=1", f"paths.root_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, "MLFLOW_TRACKING_URI": server})
+        [
+            sys.executable,
+            "-m",
+            "prunelab.train",
+            "-m",
+            "data=digits",
+            "model=lenet300",
+            "dense.epochs=1",
+            "finetune.epochs=2",
+            "measure.latency=false",
+            "pruning.compression=2,4,8",
+            "hydra/launcher=local_parallel",
+            "num_threads=1",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "MLFLOW_TRACKING_URI": server},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "outputs" / "mlflow.db").exists()  # everything went to the server
     client = mlflow.MlflowClient(tracking_uri=server)

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import mlflow
-import torch
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from conftest import runs_in
@@ -27,7 +27,13 @@ def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_pa
     assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
     p = run.data.params
     assert (p["method"], p["dataset"], p["model"], p["compression_target"], p["granularity"], p["seed"]) == (
-        "magnitude", "digits", "lenet300", "4", "weight", "0")
+        "magnitude",
+        "digits",
+        "lenet300",
+        "4",
+        "weight",
+        "0",
+    )
     assert p["pruning.mode"] == "gradual" and p["finetune.epochs"] == "2" and p["finetune.optimizer"] == "Adam"
     assert not [k for k in p if k.endswith(("_target_", "_partial_")) or k.startswith(("names.", "paths."))]
     assert run.data.tags["collapsed"] == "false" and run.data.tags["mlflow.runColor"].startswith("#")
@@ -52,11 +58,29 @@ def test_run_records_every_final_metric_and_reaches_compression(make_cfg, tmp_pa
 
 
 def test_summary_says_when_compaction_removes_more_than_the_masks():
-    params = {"method": "obd", "granularity": "filter", "dataset": "d", "model": "m", "seed": "0",
-              "compression_target": "8"}
-    metrics = {"compression": 8.0, "sparsity": 0.875, "dense_test_acc": 90.0, "test_acc": 89.0, "acc_drop": 1.0,
-               "params": 10.0, "params_nonzero": 10.0, "macs": 5.0, "dense_macs": 50.0, "macs_reduction": 10.0,
-               "bytes_stored": 1.0, "bytes_dense": 8.0, "storage_compression": 8.0}
+    params = {
+        "method": "obd",
+        "granularity": "filter",
+        "dataset": "d",
+        "model": "m",
+        "seed": "0",
+        "compression_target": "8",
+    }
+    metrics = {
+        "compression": 8.0,
+        "sparsity": 0.875,
+        "dense_test_acc": 90.0,
+        "test_acc": 89.0,
+        "acc_drop": 1.0,
+        "params": 10.0,
+        "params_nonzero": 10.0,
+        "macs": 5.0,
+        "dense_macs": 50.0,
+        "macs_reduction": 10.0,
+        "bytes_stored": 1.0,
+        "bytes_dense": 8.0,
+        "storage_compression": 8.0,
+    }
     assert "after compaction" not in summary(params, {**metrics, "compression_compacted": 8.1}, "r", "u")
     line = summary(params, {**metrics, "compression_compacted": 17.25}, "r", "u").splitlines()[3]
     assert line.startswith(" compression") and line.endswith("17.25× after compaction")
@@ -118,7 +142,9 @@ def test_unknown_names_and_typos_list_the_choices(make_cfg, override, message):
 def test_cli_bad_name_exits_nonzero_and_creates_no_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "prunelab.train", "data=nope", f"paths.root_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode != 0
     assert "data/nope" in proc.stderr and "mnist5k" in proc.stderr
@@ -137,13 +163,27 @@ def test_nan_loss_ends_the_run_failed_with_reason(make_cfg, tmp_path):
 @pytest.mark.slow  # the default run's test_sweep.py checks the sharing too, on its 2×2 sweep
 def test_multirun_sweep_shares_one_dense_baseline(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
-         "finetune.epochs=1", "logger.log_model=false", "pruning.compression=2,8", f"paths.root_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "prunelab.train",
+            "-m",
+            "data=digits",
+            "model=lenet300",
+            "dense.epochs=1",
+            "finetune.epochs=1",
+            "logger.log_model=false",
+            "pruning.compression=2,8",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted((r for r in runs_in(tmp_path) if "sweep_overrides" not in r.data.params),
-                  key=lambda r: r.info.start_time)  # the children, without the sweep's parent run
+    runs = sorted(
+        (r for r in runs_in(tmp_path) if "sweep_overrides" not in r.data.params), key=lambda r: r.info.start_time
+    )  # the children, without the sweep's parent run
     assert [r.data.params["compression_target"] for r in runs] == ["2", "8"]
     assert [r.data.tags["dense_cache_hit"] for r in runs] == ["False", "True"]
     assert len({r.data.tags["dense_cache_dir"] for r in runs}) == 1

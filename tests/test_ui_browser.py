@@ -24,9 +24,20 @@ from prunelab.tracking.sweep import KIND_TAG
 pytestmark = pytest.mark.slow
 CHROMIUM = pytest.mark.skipif(ui_pages.missing() is not None, reason=str(ui_pages.missing()))
 
-SWEEP = [sys.executable, "-m", "prunelab.train", "-m", "data=digits", "model=lenet300", "dense.epochs=1",
-         "finetune.epochs=1", "logger.log_model=false", "measure.latency=false", "pruning=magnitude,admm",
-         "pruning.compression=2,4"]
+SWEEP = [
+    sys.executable,
+    "-m",
+    "prunelab.train",
+    "-m",
+    "data=digits",
+    "model=lenet300",
+    "dense.epochs=1",
+    "finetune.epochs=1",
+    "logger.log_model=false",
+    "measure.latency=false",
+    "pruning=magnitude,admm",
+    "pruning.compression=2,4",
+]
 
 
 def _record_a_collapse(uri: str, run) -> str:
@@ -113,10 +124,18 @@ def _lines(stream, into: queue.Queue) -> None:
 
 def test_make_ui_prints_an_address_that_answers_at_once(tmp_path):
     port = ui_pages.free_port()
-    command = [sys.executable, "-m", "prunelab.tracking.ui", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
-               "--port", str(port)]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "prunelab.tracking.ui",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
     printed: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(server.stdout, printed), daemon=True).start()
     try:

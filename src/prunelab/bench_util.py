@@ -21,8 +21,9 @@ def compose(overrides: list[str], run_dir: Path) -> DictConfig:
     """``conf/train.yaml`` with ``overrides``, the run folder at ``run_dir``: the config the CLI hands ``train``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=[*overrides, f"paths.run_dir={run_dir}"],
-                            return_hydra_config=True)
+        cfg = hydra_compose(
+            config_name="train", overrides=[*overrides, f"paths.run_dir={run_dir}"], return_hydra_config=True
+        )
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

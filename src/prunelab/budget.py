@@ -34,8 +34,11 @@ def extreme_factor(compression: float, start: float = EXTREME_FROM, factor: floa
 def prune_steps(cfg: DictConfig) -> float:
     """Optimizer steps the pruning itself gets at ``finetune.epochs: auto``."""
     compression = max(float(cfg.pruning.compression), 1.0)
-    factor = extreme_factor(compression, float(cfg.finetune.get("extreme_from", EXTREME_FROM)),
-                            float(cfg.finetune.get("extreme_factor", EXTREME_FACTOR)))
+    factor = extreme_factor(
+        compression,
+        float(cfg.finetune.get("extreme_from", EXTREME_FROM)),
+        float(cfg.finetune.get("extreme_factor", EXTREME_FACTOR)),
+    )
     return cfg.finetune.steps_per_doubling * math.log2(compression) * factor
 
 

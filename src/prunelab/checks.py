@@ -58,15 +58,19 @@ def check_root_env() -> None:
     root = os.environ.get("PRUNELAB_ROOT")
     problem = unwritable(root) if root else None
     if problem:
-        raise ValueError(f"PRUNELAB_ROOT={root!r} cannot hold prunelab's data and outputs: {problem}. Point it at a "
-                         "folder you can write to, or unset it to use the current folder")
+        raise ValueError(
+            f"PRUNELAB_ROOT={root!r} cannot hold prunelab's data and outputs: {problem}. Point it at a "
+            "folder you can write to, or unset it to use the current folder"
+        )
 
 
 def _check_writable(cfg: DictConfig) -> None:
     problem = unwritable(cfg.paths.output_dir)
     if problem:
-        raise ValueError(f"paths.output_dir={str(cfg.paths.output_dir)!r} cannot be created: {problem}. Set "
-                         "PRUNELAB_ROOT or paths.root_dir to a folder you can write to")
+        raise ValueError(
+            f"paths.output_dir={str(cfg.paths.output_dir)!r} cannot be created: {problem}. Set "
+            "PRUNELAB_ROOT or paths.root_dir to a folder you can write to"
+        )
 
 
 def check_optimizers(cfg: DictConfig) -> None:

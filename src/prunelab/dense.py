@@ -67,18 +67,27 @@ def cache_dir(cfg: DictConfig) -> Path:
 def _train(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True)
     module = Classifier(
-        net, datamodule.num_classes, optimizer=instantiate(cfg.dense.optimizer), scheduler=instantiate(cfg.dense.scheduler)
+        net,
+        datamodule.num_classes,
+        optimizer=instantiate(cfg.dense.optimizer),
+        scheduler=instantiate(cfg.dense.scheduler),
     )
     trainer = instantiate(
-        cfg.trainer, max_epochs=int(cfg.dense.epochs), logger=logger, enable_checkpointing=False,
+        cfg.trainer,
+        max_epochs=int(cfg.dense.epochs),
+        logger=logger,
+        enable_checkpointing=False,
         callbacks=[EpochLine("dense baseline")],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return {"test_acc": test_accuracy(trainer, module, datamodule), "val_acc": val.get("val/acc"),
-            "train_seconds": seconds}
+    return {
+        "test_acc": test_accuracy(trainer, module, datamodule),
+        "val_acc": val.get("val/acc"),
+        "train_seconds": seconds,
+    }
 
 
 def _read(folder: Path, net: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -92,8 +101,12 @@ def _read(folder: Path, net: torch.nn.Module) -> tuple[dict[str, torch.Tensor], 
         net.load_state_dict(state)
         meta["test_acc"] = float(meta["test_acc"])
     except Exception as exc:  # noqa: BLE001 - truncated, corrupted or foreign files: train the entry again
-        log.warning("dense baseline: the cache entry %s does not load (%s: %s); training it again", folder,
-                    type(exc).__name__, str(exc)[:200])
+        log.warning(
+            "dense baseline: the cache entry %s does not load (%s: %s); training it again",
+            folder,
+            type(exc).__name__,
+            str(exc)[:200],
+        )
         return None
     return state, meta
 
@@ -118,12 +131,17 @@ def _pretrained(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningD
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[], max_epochs=1)
     accuracy = test_accuracy(trainer, Classifier(net, datamodule.num_classes), datamodule)
     state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-    return DenseBaseline(state, {"test_acc": accuracy, "checkpoint": str(cfg.dense.checkpoint)},
-                         Path(str(cfg.dense.checkpoint)), cache_hit=False)
+    return DenseBaseline(
+        state,
+        {"test_acc": accuracy, "checkpoint": str(cfg.dense.checkpoint)},
+        Path(str(cfg.dense.checkpoint)),
+        cache_hit=False,
+    )
 
 
-def dense_baseline(cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger=None,
-                   ranks: Ranks | None = None) -> DenseBaseline:
+def dense_baseline(
+    cfg: DictConfig, net: torch.nn.Module, datamodule: pl.LightningDataModule, logger=None, ranks: Ranks | None = None
+) -> DenseBaseline:
     """Load the cached dense weights into ``net``, or train ``net`` and cache it (with every rank of ``ranks``); with
     ``dense.checkpoint``, ``net`` already holds the user's trained weights: measure their test accuracy."""
     ranks = ranks or Ranks()

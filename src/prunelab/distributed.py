@@ -59,8 +59,9 @@ class Ranks:
             return
         self.strategy.launcher.launch(lambda: None)
         self.strategy.setup_environment()
-        log.info("rank %d of %d: process group set up (%s)", self.rank, self.world_size,
-                 torch.distributed.get_backend())
+        log.info(
+            "rank %d of %d: process group set up (%s)", self.rank, self.world_size, torch.distributed.get_backend()
+        )
 
     def share(self, step: Callable[[], T], what: str) -> T:
         """Run ``step`` on rank 0 and give its result to every rank; when it raises on rank 0, every other rank
@@ -86,17 +87,21 @@ class Ranks:
 
 def _refuse(strategy: object, configured: object) -> None:
     if not isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)) or (
-            isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") != "popen"):
-        raise ValueError(f"trainer.strategy={configured!r} is not supported: a prunelab run of more than one process uses "
-                         "Lightning's DDP started as a script (trainer=ddp: strategy ddp), by Lightning's launcher, "
-                         "torchrun or SLURM; spawned processes (ddp_spawn, ddp_notebook) cannot share rank 0's "
-                         "MLflow run, and sharded strategies do not keep whole masks on every rank")
+        isinstance(strategy, DDPStrategy) and getattr(strategy, "_start_method", "popen") != "popen"
+    ):
+        raise ValueError(
+            f"trainer.strategy={configured!r} is not supported: a prunelab run of more than one process uses "
+            "Lightning's DDP started as a script (trainer=ddp: strategy ddp), by Lightning's launcher, "
+            "torchrun or SLURM; spawned processes (ddp_spawn, ddp_notebook) cannot share rank 0's "
+            "MLflow run, and sharded strategies do not keep whole masks on every rank"
+        )
 
 
 def plan(trainer_cfg: DictConfig) -> Ranks:
     """The run's ranks from its ``trainer`` config, checked (strategy, devices, nodes) before anything starts."""
-    trainer = instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[], max_epochs=1,
-                          enable_progress_bar=False)
+    trainer = instantiate(
+        trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[], max_epochs=1, enable_progress_bar=False
+    )
     strategy = trainer.strategy
     _refuse(strategy, trainer_cfg.get("strategy"))
     if isinstance(strategy, DDPStrategy) and strategy.num_nodes * strategy.num_processes > 1:
@@ -131,8 +136,15 @@ def test_accuracy(trainer: pl.Trainer, module: pl.LightningModule, datamodule: p
     if trainer.world_size == 1:
         return float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
     loader = datamodule.test_dataloader()
-    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                           shuffle=False)
-    loader = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+    sampler = UnrepeatedDistributedSampler(
+        loader.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )
+    loader = DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+    )
     return float(trainer.test(module, dataloaders=loader, verbose=False)[0]["test/acc"])

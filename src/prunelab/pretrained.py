@@ -65,8 +65,11 @@ def _load_file(source: str, key: str) -> Any:
 
 
 def _is_state(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in obj.items())
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) or str(k).endswith("_extra_state") for k, v in obj.items())
+    )
 
 
 def read_state_dict(source: str, key: str = "dense.checkpoint") -> dict[str, torch.Tensor]:
@@ -83,8 +86,10 @@ def read_state_dict(source: str, key: str = "dense.checkpoint") -> dict[str, tor
     if isinstance(obj, dict):
         obj = next((obj[k] for k in _STATE_KEYS if isinstance(obj.get(k), dict)), obj)
     if not _is_state(obj):
-        raise ValueError(f"{key} holds a {type(obj).__name__} without a state dict (tensors by name), a Lightning "
-                         f"checkpoint or an nn.Module")
+        raise ValueError(
+            f"{key} holds a {type(obj).__name__} without a state dict (tensors by name), a Lightning "
+            f"checkpoint or an nn.Module"
+        )
     return obj
 
 
@@ -95,7 +100,7 @@ def _strip(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         prefix = next((p for p in _PREFIXES if all(k.startswith(p) for k in versions[-1])), None)
         if prefix is None:
             return versions
-        versions.append({k[len(prefix):]: v for k, v in versions[-1].items()})
+        versions.append({k[len(prefix) :]: v for k, v in versions[-1].items()})
 
 
 def _shown(keys: list[str]) -> str:
@@ -109,11 +114,19 @@ def _mismatch(state: dict[str, torch.Tensor], target: nn.Module) -> str:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        return "; ".join(part for part in (
-            f"missing keys {_shown(missing)}" if missing else "",
-            f"unexpected keys {_shown(unexpected)}" if unexpected else "") if part)
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if isinstance(v, torch.Tensor) and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape]
+        return "; ".join(
+            part
+            for part in (
+                f"missing keys {_shown(missing)}" if missing else "",
+                f"unexpected keys {_shown(unexpected)}" if unexpected else "",
+            )
+            if part
+        )
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if isinstance(v, torch.Tensor) and isinstance(state[k], torch.Tensor) and state[k].shape != v.shape
+    ]
     return f"shape mismatch {_shown(shapes)}" if shapes else ""
 
 
@@ -139,8 +152,7 @@ def load_dense_checkpoint(source: str, net: nn.Module) -> dict[str, torch.Tensor
     target, version = max(pairs, key=lambda p: len(set(p[1]) & set(p[0].state_dict())))
     problem = _mismatch(version, target)
     if problem:
-        raise ValueError(f"dense.checkpoint={source} does not fit the model ({type(unwrap(net)).__name__}): "
-                         f"{problem}")
+        raise ValueError(f"dense.checkpoint={source} does not fit the model ({type(unwrap(net)).__name__}): {problem}")
     target.load_state_dict(version, strict=True)
     log.info("dense baseline: weights from %s", source)
     return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}

@@ -24,9 +24,9 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from prunelab import budget, distributed
 from prunelab.checks import check_config, check_optimizers, check_root_env
+from prunelab.data.shape import adopt_shape
 from prunelab.dense import dense_baseline
 from prunelab.distributed import test_accuracy
-from prunelab.data.shape import adopt_shape
 from prunelab.measure import ONNX_FILE, STORED_FILE, check_options, format_table, measure
 from prunelab.models.classifier import Classifier
 from prunelab.models.factory import input_shape, instantiate_model
@@ -101,8 +101,9 @@ def build(cfg: DictConfig) -> Parts:
 def _name_model(cfg: DictConfig) -> None:
     """``names.model`` (the MLflow param ``model``, run and cache names) says which network a library config
     builds: ``torchvision-resnet18``, ``timm-vit_tiny_patch16_224``, ``custom-MyNet``."""
-    name = cfg.model.get("name") or (str(cfg.model._target_).rsplit(".", 1)[-1] if cfg.names.model == "custom"
-                                     else None)
+    name = cfg.model.get("name") or (
+        str(cfg.model._target_).rsplit(".", 1)[-1] if cfg.names.model == "custom" else None
+    )
     if name:
         with open_dict(cfg):
             cfg.names.model = f"{cfg.names.model}-{name}"
@@ -118,34 +119,57 @@ def _fit_pruning(cfg: DictConfig, parts: Parts, run: RunSession) -> tuple[float,
     """Prune + fine-tune ``parts.net`` (already holding the dense weights); return its test accuracy (%) and the
     last step curves were logged at."""
     pl.seed_everything(int(cfg.seed), workers=True)
-    module = Classifier(parts.net, parts.datamodule.num_classes,
-                        optimizer=instantiate(cfg.finetune.optimizer), scheduler=instantiate(cfg.finetune.scheduler))
+    module = Classifier(
+        parts.net,
+        parts.datamodule.num_classes,
+        optimizer=instantiate(cfg.finetune.optimizer),
+        scheduler=instantiate(cfg.finetune.scheduler),
+    )
     folder = resume.checkpoint_dir(cfg)
     # every epoch; always the same last.ckpt (RunIdentity writes it first, a resume goes on in the same folder)
     checkpoints = ModelCheckpoint(dirpath=folder, save_last=True, enable_version_counter=False)
     identity = resume.RunIdentity(run.run_id, resume.identity(cfg, parts.pruning.describe()), folder)
     logger = run.logger()
-    trainer = instantiate(cfg.trainer, max_epochs=int(cfg.finetune.epochs), logger=logger,
-                          callbacks=[parts.pruning, checkpoints, identity, *extra_callbacks(cfg),
-                                     EpochLine(f"pruning ({parts.pruning.method})")])
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=int(cfg.finetune.epochs),
+        logger=logger,
+        callbacks=[
+            parts.pruning,
+            checkpoints,
+            identity,
+            *extra_callbacks(cfg),
+            EpochLine(f"pruning ({parts.pruning.method})"),
+        ],
+    )
     trainer.fit(module, datamodule=parts.datamodule, ckpt_path=cfg.ckpt_path)
     return 100.0 * test_accuracy(trainer, module, parts.datamodule), getattr(logger, "last_step", 0)
 
 
-def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str, float], prunable: list[str],
-             step: int) -> tuple[dict[str, float], str | None]:
+def _measure(
+    cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str, float], prunable: list[str], step: int
+) -> tuple[dict[str, float], str | None]:
     """Rank 0: measure the pruned model against the dense one, record it (the per-layer table, latency samples,
     datasets, model, final metrics at ``step``, the last training step: they are the model's in MLflow's Models
     view) and return the final metrics and a collapse warning."""
-    log.info("measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
-             ", latency" if cfg.measure.latency else "")
+    log.info(
+        "measuring the pruned model against the dense one (compaction, MACs, bytes%s)",
+        ", latency" if cfg.measure.latency else "",
+    )
     parts.net.cpu(), parts.dense_net.cpu()
     example = parts.example
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         compacted = parts.pruning is not None and parts.pruning.counts_compacted
-        metrics, rows, latency_params = measure(parts.net, parts.dense_net, prunable, example, tmp, compacted,
-                                                **OmegaConf.to_container(cfg.measure, resolve=True))
+        metrics, rows, latency_params = measure(
+            parts.net,
+            parts.dense_net,
+            prunable,
+            example,
+            tmp,
+            compacted,
+            **OmegaConf.to_container(cfg.measure, resolve=True),
+        )
         metrics.update(accuracy)
         stored = parts.pruning.stored_bytes(folder / QUANTIZED_FILE) if parts.pruning else None
         weights = ["model_state.pt", STORED_FILE] + ([ONNX_FILE] if cfg.measure.onnx else [])
@@ -154,10 +178,25 @@ def _measure(cfg: DictConfig, parts: Parts, run: RunSession, accuracy: dict[str,
             metrics["storage_compression"] = metrics["bytes_dense"] / metrics["bytes_stored"]
             weights.append(QUANTIZED_FILE)
         torch.save(parts.net.state_dict(), folder / "model_state.pt")
-        run.record_measurement(parts.net, example, folder, format_table(rows), latency_params, weights,
-                               {r["layer"]: r["sparsity"] for r in rows}, parts.datamodule, step)
-    verdict = collapse.check(parts.net, prunable, example, accuracy["test_acc"], parts.datamodule.num_classes,
-                             dense_acc=accuracy["dense_test_acc"])
+        run.record_measurement(
+            parts.net,
+            example,
+            folder,
+            format_table(rows),
+            latency_params,
+            weights,
+            {r["layer"]: r["sparsity"] for r in rows},
+            parts.datamodule,
+            step,
+        )
+    verdict = collapse.check(
+        parts.net,
+        prunable,
+        example,
+        accuracy["test_acc"],
+        parts.datamodule.num_classes,
+        dense_acc=accuracy["dense_test_acc"],
+    )
     metrics = rounded(metrics)
     run.finish(metrics, verdict, step)
     return metrics, verdict.warning
@@ -176,14 +215,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ranks.start()
     with RunSession(cfg, parts.describe(), ranks, job_sweep, parts.resume) as run:
         dense = dense_baseline(cfg, parts.dense_net, parts.datamodule, logger=run.logger("dense"), ranks=ranks)
-        run.set_tags({"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)}
-                     if not cfg.dense.checkpoint else {"dense_checkpoint": str(cfg.dense.checkpoint)})
+        run.set_tags(
+            {"dense_cache_hit": str(dense.cache_hit), "dense_cache_dir": str(dense.path)}
+            if not cfg.dense.checkpoint
+            else {"dense_checkpoint": str(cfg.dense.checkpoint)}
+        )
         parts.net.load_state_dict(dense.state_dict)
         dense_acc = 100.0 * dense.meta["test_acc"]
         step = 0
         if parts.pruning is not None:
-            log.info("pruning: %s to %g× in %d epochs", parts.pruning.method, float(cfg.pruning.compression),
-                     int(cfg.finetune.epochs))
+            log.info(
+                "pruning: %s to %g× in %d epochs",
+                parts.pruning.method,
+                float(cfg.pruning.compression),
+                int(cfg.finetune.epochs),
+            )
             test_acc, step = _fit_pruning(cfg, parts, run)
             prunable = parts.pruning.layer_names  # as built: a replaced layer is measured against its dense self
         else:
@@ -192,8 +238,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         accuracy = {"test_acc": test_acc, "dense_test_acc": dense_acc, "acc_drop": dense_acc - test_acc}
         metrics, warning = ranks.share(lambda: _measure(cfg, parts, run, accuracy, prunable, step), "measuring")
     if ranks.is_zero:
-        print(summary(run.params, metrics, run.run_id, run.uri, warning=warning,
-                      link=ui.browse_hint(run.uri, run.exp_id, run.run_id)))
+        print(
+            summary(
+                run.params,
+                metrics,
+                run.run_id,
+                run.uri,
+                warning=warning,
+                link=ui.browse_hint(run.uri, run.exp_id, run.run_id),
+            )
+        )
     return metrics
 
 

@@ -24,7 +24,7 @@ class _Folder(datasets.ImageFolder):
         super().__init__(root, transform=transform, allow_empty=allow_empty)
 
     def find_classes(self, directory):
-        extra = sorted(set(e.name for e in os.scandir(directory) if e.is_dir()) - set(self._classes))
+        extra = sorted({e.name for e in os.scandir(directory) if e.is_dir()} - set(self._classes))
         if extra:
             raise ValueError(f"data.root: {directory} has class folders that train does not: {', '.join(extra)}")
         return self._classes, {c: i for i, c in enumerate(self._classes)}
@@ -50,7 +50,7 @@ def stratified_split(targets: Sequence[int], fractions: Sequence[float], seed: i
         start = 0
         for i, fraction in enumerate(fractions, start=1):
             count = min(round(len(members) * fraction), len(members) - start - 1)  # one stays in part 0
-            parts[i] += members[start:start + max(count, 0)]
+            parts[i] += members[start : start + max(count, 0)]
             start += max(count, 0)
         parts[0] += members[start:]
     return [sorted(p) for p in parts]
@@ -107,8 +107,10 @@ class ImageFolderDataModule(BaseDataModule):
         self.num_channels = channels
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
-            raise ValueError(f"mean={list(self.mean)} and std={list(self.std)} need {channels} values each "
-                             f"(channels={channels}), std > 0")
+            raise ValueError(
+                f"mean={list(self.mean)} and std={list(self.std)} need {channels} values each "
+                f"(channels={channels}), std > 0"
+            )
         self.augment = check_bool("augment", augment)
         self._classes: list[str] | None = None
 

@@ -37,8 +37,10 @@ def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         x = y = None
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not isinstance(y, torch.Tensor):
-        raise ValueError(f"the train dataloader's batches must be (images N×C×H×W, labels) or a mapping with keys "
-                         f"{'/'.join(_IMAGE_KEYS)} and {'/'.join(_LABEL_KEYS)}; got {type(batch).__name__}")
+        raise ValueError(
+            f"the train dataloader's batches must be (images N×C×H×W, labels) or a mapping with keys "
+            f"{'/'.join(_IMAGE_KEYS)} and {'/'.join(_LABEL_KEYS)}; got {type(batch).__name__}"
+        )
     return x, y
 
 
@@ -89,8 +91,10 @@ def describe(datamodule: pl.LightningDataModule) -> dict[str, Any]:
     if not _positive(found["num_classes"]):
         found["num_classes"] = _count_classes(datamodule)
         if found["num_classes"] < 2:
-            raise ValueError(f"data: {type(datamodule).__name__} gives {found['num_classes']} class(es); "
-                             f"a classifier needs 2 or more (set num_classes on the datamodule)")
+            raise ValueError(
+                f"data: {type(datamodule).__name__} gives {found['num_classes']} class(es); "
+                f"a classifier needs 2 or more (set num_classes on the datamodule)"
+            )
     return found
 
 

@@ -31,8 +31,10 @@ def count_macs(net: nn.Module, example_input: torch.Tensor) -> int:
 
 
 def _count_params(net: nn.Module) -> tuple[int, int]:
-    return (sum(p.numel() for p in net.parameters()),
-            sum(int(torch.count_nonzero(p.detach())) for p in net.parameters()))
+    return (
+        sum(p.numel() for p in net.parameters()),
+        sum(int(torch.count_nonzero(p.detach())) for p in net.parameters()),
+    )
 
 
 def measure(
@@ -70,9 +72,22 @@ def measure(
     samples go to ``out_dir/latency.json``. The keyword arguments are the ``measure:`` block of ``conf/train.yaml`` (see
     :func:`prunelab.measure.latency.measure_latency`).
     """
-    check_options({"batch_sizes": batch_sizes, "blocks": blocks, "threads": threads, "min_run_time": min_run_time,
-                   "gpu": gpu, "gpu_batch_sizes": gpu_batch_sizes, "gpu_mode": gpu_mode, "gpu_dtype": gpu_dtype,
-                   "channels_last": channels_last, "latency": latency, "atol": atol, "onnx": onnx})
+    check_options(
+        {
+            "batch_sizes": batch_sizes,
+            "blocks": blocks,
+            "threads": threads,
+            "min_run_time": min_run_time,
+            "gpu": gpu,
+            "gpu_batch_sizes": gpu_batch_sizes,
+            "gpu_mode": gpu_mode,
+            "gpu_dtype": gpu_dtype,
+            "channels_last": channels_last,
+            "latency": latency,
+            "atol": atol,
+            "onnx": onnx,
+        }
+    )
     params: dict[str, str] = {}
     metrics = sparsity_metrics(pruned, prunable, dense)
     rows = layer_table(pruned, prunable, dense)
@@ -103,14 +118,34 @@ def measure(
             if onnx:
                 metrics["onnx_max_abs_diff"] = export_onnx(compacted, example_input, folder / ONNX_FILE, atol=atol)
             if latency:
-                timed = measure_latency(dense, compacted, example_input, list(batch_sizes), int(blocks), threads,
-                                        float(min_run_time), bool(gpu), gpu_batch_sizes=list(gpu_batch_sizes),
-                                        gpu_mode=gpu_mode, gpu_dtype=gpu_dtype, channels_last=channels_last,
-                                        masked=pruned)
+                timed = measure_latency(
+                    dense,
+                    compacted,
+                    example_input,
+                    list(batch_sizes),
+                    int(blocks),
+                    threads,
+                    float(min_run_time),
+                    bool(gpu),
+                    gpu_batch_sizes=list(gpu_batch_sizes),
+                    gpu_mode=gpu_mode,
+                    gpu_dtype=gpu_dtype,
+                    channels_last=channels_last,
+                    masked=pruned,
+                )
                 if onnx:  # ONNX Runtime on the CPU, dense vs pruned, interleaved as the PyTorch timing
                     export_onnx(dense, example_input, Path(tmp) / "dense.onnx", atol=atol)
-                    timed.update(onnx_latency(Path(tmp) / "dense.onnx", folder / ONNX_FILE, example_input,
-                                              list(batch_sizes), int(blocks), threads, float(min_run_time)))
+                    timed.update(
+                        onnx_latency(
+                            Path(tmp) / "dense.onnx",
+                            folder / ONNX_FILE,
+                            example_input,
+                            list(batch_sizes),
+                            int(blocks),
+                            threads,
+                            float(min_run_time),
+                        )
+                    )
                 metrics.update(timed.metrics)
                 params.update(timed.params)
                 (folder / LATENCY_FILE).write_text(json.dumps(timed.samples))
@@ -138,6 +173,17 @@ def check_options(options: Mapping) -> None:
 
 
 __all__ = [
-    "LATENCY_FILE", "ONNX_FILE", "STORED_FILE", "CompactResult", "CompactionError", "check_options", "compact",
-    "count_macs", "format_table", "layer_table", "measure", "measure_latency", "sparsity_metrics",
+    "LATENCY_FILE",
+    "ONNX_FILE",
+    "STORED_FILE",
+    "CompactResult",
+    "CompactionError",
+    "check_options",
+    "compact",
+    "count_macs",
+    "format_table",
+    "layer_table",
+    "measure",
+    "measure_latency",
+    "sparsity_metrics",
 ]

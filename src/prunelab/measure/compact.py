@@ -163,8 +163,13 @@ def check_equivalence(masked: nn.Module, compacted: nn.Module, x: torch.Tensor, 
 
 
 def compact(
-    net: nn.Module, example_input: torch.Tensor, atol: float = 1e-4, batch: int = 8, seed: int = 0,
-    inplace: bool = False, check: bool = True,
+    net: nn.Module,
+    example_input: torch.Tensor,
+    atol: float = 1e-4,
+    batch: int = 8,
+    seed: int = 0,
+    inplace: bool = False,
+    check: bool = True,
 ) -> CompactResult:
     """Copy of ``net`` with every removable structured zero taken out, checked against ``net``.
 

@@ -50,8 +50,9 @@ def _cpu_copy(net: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.T
 
 
 @torch.no_grad()
-def _check(what: str, reference: nn.Module, run, example: torch.Tensor, atol: float,
-           batch_sizes: Sequence[int]) -> float:
+def _check(
+    what: str, reference: nn.Module, run, example: torch.Tensor, atol: float, batch_sizes: Sequence[int]
+) -> float:
     """Largest absolute logit difference between ``reference`` and ``run`` (inputs → logits) over random batches of
     ``batch_sizes`` inputs shaped like ``example``; raises :class:`ExportCheckError` above ``atol``·max(1, max|logit|).
     """
@@ -60,19 +61,28 @@ def _check(what: str, reference: nn.Module, run, example: torch.Tensor, atol: fl
         x = make_batch(example, int(size), device="cpu", dtype=torch.float32)
         expected, got = reference(x).numpy(), np.asarray(run(x))
         if got.shape != expected.shape:
-            raise ExportCheckError(f"{what} gives logits of shape {got.shape} at batch {size}; PyTorch "
-                                   f"{expected.shape}")
+            raise ExportCheckError(
+                f"{what} gives logits of shape {got.shape} at batch {size}; PyTorch {expected.shape}"
+            )
         diff, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
         limit = atol * max(1.0, scale)
         if not diff <= limit:
-            raise ExportCheckError(f"{what} differs from PyTorch by {diff:.3g} at batch {size} (max |logit| "
-                                   f"{scale:.3g}, tolerance {limit:.3g} = atol {atol:g} × max(1, max|logit|))")
+            raise ExportCheckError(
+                f"{what} differs from PyTorch by {diff:.3g} at batch {size} (max |logit| "
+                f"{scale:.3g}, tolerance {limit:.3g} = atol {atol:g} × max(1, max|logit|))"
+            )
         worst = max(worst, diff)
     return worst
 
 
-def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, opset: int = OPSET, atol: float = 1e-4,
-                batch_sizes: Sequence[int] = (1, 5)) -> float:
+def export_onnx(
+    net: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    opset: int = OPSET,
+    atol: float = 1e-4,
+    batch_sizes: Sequence[int] = (1, 5),
+) -> float:
     """Write ``net`` to ``path`` as ONNX (batch axis dynamic) and check it in ONNX Runtime; return the largest
     absolute logit difference to PyTorch over random batches of ``batch_sizes`` inputs shaped like ``example``.
 
@@ -90,16 +100,27 @@ def export_onnx(net: nn.Module, example: torch.Tensor, path: str | Path, opset: 
     path = Path(path)
     model, x = _cpu_copy(net, example)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                      dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, external_data=False,
-                      verbose=False)
+    torch.onnx.export(
+        model,
+        (x,),
+        str(path),
+        dynamo=True,
+        input_names=[INPUT],
+        output_names=[OUTPUT],
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        opset_version=opset,
+        external_data=False,
+        verbose=False,
+    )
     runtime = session(path)
-    return _check(f"ONNX model {path}", model, lambda b: runtime.run([OUTPUT], {INPUT: b.numpy()})[0], example,
-                  atol, batch_sizes)
+    return _check(
+        f"ONNX model {path}", model, lambda b: runtime.run([OUTPUT], {INPUT: b.numpy()})[0], example, atol, batch_sizes
+    )
 
 
-def export_pt2(net: nn.Module, example: torch.Tensor, path: str | Path, atol: float = 1e-4,
-               batch_sizes: Sequence[int] = (1, 5)) -> float:
+def export_pt2(
+    net: nn.Module, example: torch.Tensor, path: str | Path, atol: float = 1e-4, batch_sizes: Sequence[int] = (1, 5)
+) -> float:
     """Write ``net`` to ``path`` as a ``torch.export`` program (``torch.export.save``, batch axis dynamic), load it
     again and return the largest absolute logit difference to ``net`` (arguments as :func:`export_onnx`).
 
@@ -124,8 +145,14 @@ def _slice_ms(run, number: int) -> float:
 
 
 def onnx_latency(
-    dense_path: str | Path, pruned_path: str | Path, example: torch.Tensor, batch_sizes: Sequence[int] = (1, 64),
-    blocks: int = 5, threads: int | None = None, min_run_time: float = 0.1, slice_time: float = 0.02,
+    dense_path: str | Path,
+    pruned_path: str | Path,
+    example: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64),
+    blocks: int = 5,
+    threads: int | None = None,
+    min_run_time: float = 0.1,
+    slice_time: float = 0.02,
 ) -> LatencyResult:
     """ONNX Runtime CPU latency of the dense and the pruned ONNX files, timed interleaved in this process.
 
@@ -143,12 +170,15 @@ def onnx_latency(
         slice_time: seconds of one timed slice.
     """
     threads = int(threads or torch.get_num_threads())
-    result = LatencyResult({"latency_onnx_threads": float(threads)}, {"onnx_threads": threads},
-                           {"latency_onnx_runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider"})
+    result = LatencyResult(
+        {"latency_onnx_threads": float(threads)},
+        {"onnx_threads": threads},
+        {"latency_onnx_runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider"},
+    )
     sessions = {"dense": session(dense_path, threads), "pruned": session(pruned_path, threads)}
     for batch in batch_sizes:
         feed = {INPUT: make_batch(example, int(batch), device="cpu", dtype=torch.float32).numpy()}
-        runs = {k: (lambda s=s: s.run([OUTPUT], feed)) for k, s in sessions.items()}
+        runs = {k: (lambda s=s, feed=feed: s.run([OUTPUT], feed)) for k, s in sessions.items()}
         number, single = {}, []
         for k, run in runs.items():
             _slice_ms(run, 2)  # warm-up: memory arena, kernel selection

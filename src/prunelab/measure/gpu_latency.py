@@ -64,8 +64,7 @@ def forward_fn(net: nn.Module, x: torch.Tensor, autocast: torch.dtype | None = N
 
     def forward() -> torch.Tensor:
         # no weight-cast cache: cached casts and graph capture do not mix (torch.cuda.make_graphed_callables docs)
-        with torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None,
-                            cache_enabled=False):
+        with torch.autocast("cuda", dtype=autocast or torch.float16, enabled=autocast is not None, cache_enabled=False):
             return net(x)
 
     return forward
@@ -157,9 +156,16 @@ def mode_params(prefix: str, requested: str, used: dict[int, str], fallback: dic
 
 
 def gpu_latency(
-    dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64, 256),
-    blocks: int = 5, min_run_time: float = 0.1, mode: str = "graph", dtype: str = "float32",
-    channels_last: bool = False, warmup: int = 10,
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64, 256),
+    blocks: int = 5,
+    min_run_time: float = 0.1,
+    mode: str = "graph",
+    dtype: str = "float32",
+    channels_last: bool = False,
+    warmup: int = 10,
 ) -> LatencyResult:
     """CUDA latency (``latency_gpu_b{B}_ms``, ``speedup_gpu_b{B}``, …) of both models; empty without CUDA.
 
@@ -182,12 +188,19 @@ def gpu_latency(
     autocast = None if dtype == "float32" else DTYPES[dtype]
     device = torch.cuda.get_device_name()
     result.samples["gpu_device"] = device
-    result.params.update({"latency_gpu_device": device, "latency_gpu_dtype": dtype,
-                          "latency_gpu_channels_last": str(bool(channels_last)).lower()})
+    result.params.update(
+        {
+            "latency_gpu_device": device,
+            "latency_gpu_dtype": dtype,
+            "latency_gpu_channels_last": str(bool(channels_last)).lower(),
+        }
+    )
     used, fallback = {}, {}
     with torch.no_grad(), cudnn_benchmark():
-        nets = {"dense": on_cuda(dense, channels_last=channels_last),
-                "pruned": on_cuda(pruned, channels_last=channels_last)}
+        nets = {
+            "dense": on_cuda(dense, channels_last=channels_last),
+            "pruned": on_cuda(pruned, channels_last=channels_last),
+        }
         for batch in map(int, batch_sizes):
             x = cuda_batch(example_input, batch, channels_last=channels_last)
             forwards = {name: forward_fn(net, x, autocast) for name, net in nets.items()}

@@ -30,15 +30,27 @@ def cpu_name() -> str:
     name = platform.processor()
     cpuinfo = Path("/proc/cpuinfo")
     if not name and cpuinfo.exists():
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                     if line.startswith("model name")), "")
+        name = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     return f"{name or platform.machine()} ({os.cpu_count()} cpus)"
 
 
 @torch.inference_mode()
 def cpu_latency(
-    dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64),
-    blocks: int = 5, threads: int | None = None, min_run_time: float = 0.1, slice_time: float = 0.02,
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64),
+    blocks: int = 5,
+    threads: int | None = None,
+    min_run_time: float = 0.1,
+    slice_time: float = 0.02,
 ) -> LatencyResult:
     """CPU latency of both models per batch size (``latency_cpu_b{B}_ms``, ``speedup_cpu_b{B}``, …).
 
@@ -56,13 +68,15 @@ def cpu_latency(
         slice_time: seconds of one timed slice.
     """
     threads = int(threads or torch.get_num_threads())
-    result = LatencyResult({"latency_cpu_threads": float(threads)}, {"cpu_threads": threads},
-                           {"latency_cpu_device": cpu_name()})
+    result = LatencyResult(
+        {"latency_cpu_threads": float(threads)}, {"cpu_threads": threads}, {"latency_cpu_device": cpu_name()}
+    )
     models = {"dense": dense.cpu().eval(), "pruned": pruned.cpu().eval()}
     for batch in batch_sizes:
         x = make_batch(example_input, int(batch), device="cpu", dtype=torch.float32)
-        timers = {k: benchmark.Timer("net(x)", globals={"net": net, "x": x}, num_threads=threads)
-                  for k, net in models.items()}
+        timers = {
+            k: benchmark.Timer("net(x)", globals={"net": net, "x": x}, num_threads=threads) for k, net in models.items()
+        }
         number, single = {}, []
         for k, timer in timers.items():
             timer.timeit(2)  # warm-up: allocator, oneDNN primitive caches
@@ -83,15 +97,25 @@ def cpu_latency(
 
 
 def _check_sizes(key: str, sizes: object) -> None:
-    if (isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or not sizes
-            or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in sizes)):
+    if (
+        isinstance(sizes, (str, bytes))
+        or not isinstance(sizes, Sequence)
+        or not sizes
+        or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in sizes)
+    ):
         raise ValueError(f"measure.{key}={sizes!r} must be a non-empty list of integers ≥ 1")
 
 
 def check_latency_options(
-    batch_sizes: Sequence[int] = (1, 64), gpu_batch_sizes: Sequence[int] = (1, 64, 256), blocks: int = 5,
-    threads: int | None = None, min_run_time: float = 0.1, gpu_mode: str = "graph", gpu_dtype: str = "float32",
-    channels_last: bool = False, gpu: bool = True,
+    batch_sizes: Sequence[int] = (1, 64),
+    gpu_batch_sizes: Sequence[int] = (1, 64, 256),
+    blocks: int = 5,
+    threads: int | None = None,
+    min_run_time: float = 0.1,
+    gpu_mode: str = "graph",
+    gpu_dtype: str = "float32",
+    channels_last: bool = False,
+    gpu: bool = True,
 ) -> None:
     """Raise a ValueError naming the ``measure.<key>`` and value of the first bad latency option."""
     _check_sizes("batch_sizes", batch_sizes)
@@ -113,10 +137,20 @@ def check_latency_options(
 
 
 def measure_latency(
-    dense: nn.Module, pruned: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64),
-    blocks: int = 5, threads: int | None = None, min_run_time: float = 0.1, gpu: bool = True, *,
-    gpu_batch_sizes: Sequence[int] = (1, 64, 256), gpu_mode: str = "graph", gpu_dtype: str = "float32",
-    channels_last: bool = False, masked: nn.Module | None = None,
+    dense: nn.Module,
+    pruned: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64),
+    blocks: int = 5,
+    threads: int | None = None,
+    min_run_time: float = 0.1,
+    gpu: bool = True,
+    *,
+    gpu_batch_sizes: Sequence[int] = (1, 64, 256),
+    gpu_mode: str = "graph",
+    gpu_dtype: str = "float32",
+    channels_last: bool = False,
+    masked: nn.Module | None = None,
 ) -> LatencyResult:
     """CPU latency (:func:`cpu_latency`), plus CUDA and 2:4 latency when ``gpu`` and CUDA is available.
 
@@ -125,14 +159,20 @@ def measure_latency(
     ``gpu_dtype`` is bfloat16), on ``masked``: the pruned net before compaction (default ``pruned``), whose layers
     keep the dense shapes that the sparse kernels accept.
     """
-    check_latency_options(batch_sizes, gpu_batch_sizes, blocks, threads, min_run_time, gpu_mode, gpu_dtype,
-                          channels_last, gpu)
+    check_latency_options(
+        batch_sizes, gpu_batch_sizes, blocks, threads, min_run_time, gpu_mode, gpu_dtype, channels_last, gpu
+    )
     modes = dense.training, pruned.training
     try:
         result = cpu_latency(dense, pruned, example_input, batch_sizes, blocks, threads, min_run_time)
         if gpu and torch.cuda.is_available():
-            timing = {"blocks": blocks, "min_run_time": min_run_time, "mode": gpu_mode,
-                      "dtype": dtype_name(gpu_dtype), "channels_last": channels_last}
+            timing = {
+                "blocks": blocks,
+                "min_run_time": min_run_time,
+                "mode": gpu_mode,
+                "dtype": dtype_name(gpu_dtype),
+                "channels_last": channels_last,
+            }
             result.update(gpu_latency(dense, pruned, example_input, gpu_batch_sizes, **timing))
             two_to_four = pruned if masked is None else masked
             result.update(semi_structured_latency(two_to_four, example_input, gpu_batch_sizes, **timing))
@@ -145,6 +185,14 @@ def measure_latency(
 
 
 __all__ = [
-    "DTYPES", "GPU_MODES", "LatencyResult", "check_latency_options", "cpu_latency", "cpu_name", "gpu_latency",
-    "is_2to4", "measure_latency", "semi_structured_latency",
+    "DTYPES",
+    "GPU_MODES",
+    "LatencyResult",
+    "check_latency_options",
+    "cpu_latency",
+    "cpu_name",
+    "gpu_latency",
+    "is_2to4",
+    "measure_latency",
+    "semi_structured_latency",
 ]

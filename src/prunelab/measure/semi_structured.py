@@ -23,8 +23,12 @@ from prunelab.measure.timing import LatencyResult, record
 
 CONVERTED = "converted"
 # aten ops behind SparseSemiStructuredTensor matmuls (cuSPARSELt, CUTLASS)
-SPARSE_OPS = {"aten::_cslt_sparse_mm", "aten::_sparse_semi_structured_mm", "aten::_sparse_semi_structured_addmm",
-              "aten::_sparse_semi_structured_linear"}
+SPARSE_OPS = {
+    "aten::_cslt_sparse_mm",
+    "aten::_sparse_semi_structured_mm",
+    "aten::_sparse_semi_structured_addmm",
+    "aten::_sparse_semi_structured_linear",
+}
 OUTPUT_RTOL = 1e-2  # fp16 sparse vs fp16 dense logits: same products, different accumulation order
 
 
@@ -49,8 +53,10 @@ def choose_backend(capability: tuple[int, int] | None, cusparselt: bool) -> tupl
 
 
 def sparse_class(backend: str) -> type:
-    return {"cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT,
-            "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS}[backend]
+    return {
+        "cusparselt": torch.sparse.SparseSemiStructuredTensorCUSPARSELT,
+        "cutlass": torch.sparse.SparseSemiStructuredTensorCUTLASS,
+    }[backend]
 
 
 def shape_limits(backend: str, dtype: torch.dtype) -> tuple[int, int]:
@@ -140,8 +146,14 @@ def sparse_kernel_calls(forward) -> int:
 
 
 def semi_structured_latency(
-    pruned: nn.Module, example_input: torch.Tensor, batch_sizes: Sequence[int] = (1, 64, 256), blocks: int = 5,
-    min_run_time: float = 0.1, mode: str = "graph", dtype: str = "float16", channels_last: bool = False,
+    pruned: nn.Module,
+    example_input: torch.Tensor,
+    batch_sizes: Sequence[int] = (1, 64, 256),
+    blocks: int = 5,
+    min_run_time: float = 0.1,
+    mode: str = "graph",
+    dtype: str = "float16",
+    channels_last: bool = False,
     warmup: int = 10,
 ) -> LatencyResult:
     """The pruned net in fp16 (or bf16) dense vs with its 2:4 layers sparse, on CUDA.
@@ -156,8 +168,12 @@ def semi_structured_latency(
     sparse_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float16
     backend, why = choose_backend(torch.cuda.get_device_capability(), torch.backends.cusparselt.is_available())
     result.samples["gpu_2to4_backend"] = why
-    result.params.update({"latency_gpu_2to4_backend": backend or "none",
-                          "latency_gpu_2to4_dtype": str(sparse_dtype).removeprefix("torch.")})
+    result.params.update(
+        {
+            "latency_gpu_2to4_backend": backend or "none",
+            "latency_gpu_2to4_dtype": str(sparse_dtype).removeprefix("torch."),
+        }
+    )
     if backend is None:
         return result
     with torch.no_grad():
@@ -180,7 +196,8 @@ def semi_structured_latency(
             if calls < len(converted) or not diff <= OUTPUT_RTOL * max(1.0, scale):
                 result.samples["gpu_2to4_skipped"] = (
                     f"sparse kernels ran {calls} times for {len(converted)} converted layers; "
-                    f"max |logit diff| {diff:.3g} vs dense fp16")
+                    f"max |logit diff| {diff:.3g} vs dense fp16"
+                )
                 return result
             for batch in map(int, batch_sizes):
                 x = cuda_batch(example_input, batch, sparse_dtype, channels_last)

@@ -38,8 +38,9 @@ def layer_table(net: nn.Module, prunable: list[str], dense: nn.Module | None = N
             w = originals[name].weight
             shape = f"{_shape(w)} → " + ", ".join(_shape(s) for s in stages)
             params, nonzero = w.numel(), sum(int(torch.count_nonzero(s)) for s in stages)
-        rows.append({"layer": name, "shape": shape, "params": params, "nonzero": nonzero,
-                     "sparsity": 1.0 - nonzero / params})
+        rows.append(
+            {"layer": name, "shape": shape, "params": params, "nonzero": nonzero, "sparsity": 1.0 - nonzero / params}
+        )
     return rows
 
 

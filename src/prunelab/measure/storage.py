@@ -67,8 +67,9 @@ def load_sparse(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_encoded(net: nn.Module, path: str | os.PathLike, prunable: list[str],
-                 codes: dict[str, tuple[float, int]] | None = None) -> int:
+def save_encoded(
+    net: nn.Module, path: str | os.PathLike, prunable: list[str], codes: dict[str, tuple[float, int]] | None = None
+) -> int:
     """Write ``net`` in the stored form of :func:`prunelab.measure.encoding.encode`; return the file size in bytes.
 
     Args:
@@ -79,8 +80,11 @@ def save_encoded(net: nn.Module, path: str | os.PathLike, prunable: list[str],
         codes: ``{module name: (q, levels per side)}`` of quantized layers (weights on ``±k·q`` or zero).
     """
     state = net.state_dict()
-    blob = encode(state, [f"{n}.weight" for n in prunable if f"{n}.weight" in state],
-                  {f"{n}.weight": spec for n, spec in (codes or {}).items()})
+    blob = encode(
+        state,
+        [f"{n}.weight" for n in prunable if f"{n}.weight" in state],
+        {f"{n}.weight": spec for n, spec in (codes or {}).items()},
+    )
     Path(path).write_bytes(blob)
     return Path(path).stat().st_size
 

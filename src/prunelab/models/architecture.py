@@ -28,9 +28,16 @@ def layer_spec(layer: nn.Module) -> dict[str, Any]:
     if isinstance(layer, nn.Linear):
         return {"type": "linear", "in": layer.in_features, "out": layer.out_features, "bias": layer.bias is not None}
     if isinstance(layer, nn.Conv2d):
-        return {"type": "conv2d", "in": layer.in_channels, "out": layer.out_channels,
-                "kernel": list(layer.kernel_size), "stride": list(layer.stride), "padding": list(layer.padding),
-                "dilation": list(layer.dilation), "bias": layer.bias is not None}
+        return {
+            "type": "conv2d",
+            "in": layer.in_channels,
+            "out": layer.out_channels,
+            "kernel": list(layer.kernel_size),
+            "stride": list(layer.stride),
+            "padding": list(layer.padding),
+            "dilation": list(layer.dilation),
+            "bias": layer.bias is not None,
+        }
     raise TypeError(f"no spec for a {type(layer).__name__}: only Conv2d and Linear layers")
 
 
@@ -39,9 +46,17 @@ def make_layer(spec: dict[str, Any], device=None, dtype=None) -> nn.Module:
     if spec["type"] == "linear":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"], device=device, dtype=dtype)
     if spec["type"] == "conv2d":
-        return nn.Conv2d(spec["in"], spec["out"], tuple(spec["kernel"]), stride=tuple(spec["stride"]),
-                         padding=tuple(spec["padding"]), dilation=tuple(spec["dilation"]), bias=spec["bias"],
-                         device=device, dtype=dtype)
+        return nn.Conv2d(
+            spec["in"],
+            spec["out"],
+            tuple(spec["kernel"]),
+            stride=tuple(spec["stride"]),
+            padding=tuple(spec["padding"]),
+            dilation=tuple(spec["dilation"]),
+            bias=spec["bias"],
+            device=device,
+            dtype=dtype,
+        )
     raise ValueError(f"unknown layer type {spec['type']!r} in an architecture description")
 
 
@@ -106,13 +121,17 @@ def rebuild(net: nn.Module, description: dict[str, Any]) -> nn.Module:
     for name, entry in description["bottlenecks"].items():
         old = modules.get(name)
         if not isinstance(old, (nn.Conv2d, nn.Linear, BottleneckLayer)):
-            raise ValueError(f"architecture description names {name!r}, which is not a Conv2d, Linear or bottleneck "
-                             f"of this {type(net).__name__}")
+            raise ValueError(
+                f"architecture description names {name!r}, which is not a Conv2d, Linear or bottleneck "
+                f"of this {type(net).__name__}"
+            )
         param = next(old.parameters())
         new = BottleneckLayer(entry["stages"], device=param.device, dtype=param.dtype)
         if outer_shape(new) != outer_shape(old):
-            raise ValueError(f"bottleneck for {name!r} is {outer_shape(new)} (kind, in, out); the layer it replaces "
-                             f"is {outer_shape(old)}: the description belongs to another model")
+            raise ValueError(
+                f"bottleneck for {name!r} is {outer_shape(new)} (kind, in, out); the layer it replaces "
+                f"is {outer_shape(old)}: the description belongs to another model"
+            )
         replace(net, name, new)
     return net
 

@@ -12,7 +12,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from prunelab.models import architecture
 
-
 GPU_NAN_CHECK_EVERY = 50  # steps between host reads of the non-finite-loss record on an accelerator
 
 

@@ -97,7 +97,7 @@ def _shape_kwargs(target: Any, node: DictConfig, shape: dict[str, Any]) -> tuple
         if name is not None:
             kwargs[name] = values[key]
         elif catch_all:
-            offered.update({n: values[key] for n in names})
+            offered.update(dict.fromkeys(names, values[key]))
     return kwargs, offered
 
 
@@ -137,23 +137,31 @@ def check_forward(net: nn.Module, shape: dict[str, Any], label: str) -> None:
     """
     example = input_shape(shape)
     param = next(net.parameters(), None)
-    x = torch.zeros(2, *example, dtype=param.dtype if param is not None and param.is_floating_point() else None,
-                    device=param.device if param is not None else None)
+    x = torch.zeros(
+        2,
+        *example,
+        dtype=param.dtype if param is not None and param.is_floating_point() else None,
+        device=param.device if param is not None else None,
+    )
     mode = net.training
     net.eval()
     try:
         with torch.no_grad():
             out = net(x)
     except Exception as exc:  # noqa: BLE001 - any failure means the network does not take this input
-        raise ValueError(f"model {label} does not take inputs of shape {example} (C, H, W, from the data): "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"model {label} does not take inputs of shape {example} (C, H, W, from the data): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     finally:
         net.train(mode)
     want = (2, int(shape["num_classes"]))
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"model {label} on inputs of shape {example} returns {got}; logits of shape "
-                         f"(batch, num_classes={want[1]}) expected")
+        raise ValueError(
+            f"model {label} on inputs of shape {example} returns {got}; logits of shape "
+            f"(batch, num_classes={want[1]}) expected"
+        )
 
 
 def instantiate_model(node: DictConfig, shape: dict[str, Any]) -> nn.Module:
@@ -216,8 +224,9 @@ def _replace_head(net: nn.Module, categories: int, num_classes: int) -> list[str
         if isinstance(m, nn.Linear) and m.out_features == categories:
             new = nn.Linear(m.in_features, num_classes, bias=m.bias is not None)
         elif isinstance(m, nn.Conv2d) and m.out_channels == categories and m.groups == 1:
-            new = nn.Conv2d(m.in_channels, num_classes, m.kernel_size, m.stride, m.padding, m.dilation,
-                            bias=m.bias is not None)
+            new = nn.Conv2d(
+                m.in_channels, num_classes, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None
+            )
         else:
             continue
         replace(net, name, new.to(m.weight.device, m.weight.dtype))
@@ -225,8 +234,9 @@ def _replace_head(net: nn.Module, categories: int, num_classes: int) -> list[str
     return names
 
 
-def torchvision_model(name: str, weights: str | None = None, num_classes: int = 1000, image_size: int | None = None,
-                      **kwargs: Any) -> nn.Module:
+def torchvision_model(
+    name: str, weights: str | None = None, num_classes: int = 1000, image_size: int | None = None, **kwargs: Any
+) -> nn.Module:
     """A ``torchvision.models`` classifier by name (``torchvision.models.get_model``).
 
     Args:
@@ -242,29 +252,40 @@ def torchvision_model(name: str, weights: str | None = None, num_classes: int = 
     from torchvision import models
 
     if name not in models.list_models(module=models):
-        raise ValueError(f"model.name={name!r} is not a torchvision classification model; see "
-                         f"torchvision.models.list_models(module=torchvision.models)")
+        raise ValueError(
+            f"model.name={name!r} is not a torchvision classification model; see "
+            f"torchvision.models.list_models(module=torchvision.models)"
+        )
     try:
         chosen = models.get_model_weights(name).verify(weights) if weights is not None else None
     except (ValueError, KeyError):
         valid = ["DEFAULT", *(w.name for w in models.get_model_weights(name))]
-        raise ValueError(f"model.weights={weights!r} is not a weights name of {name}; "
-                         f"valid: {', '.join(valid)}") from None
+        raise ValueError(
+            f"model.weights={weights!r} is not a weights name of {name}; valid: {', '.join(valid)}"
+        ) from None
     if chosen is None:
         extra = {"image_size": image_size} if image_size is not None else {}
-        return _call_without(models.get_model, {"name": name, "num_classes": num_classes, **extra, **kwargs},
-                             "image_size")
+        return _call_without(
+            models.get_model, {"name": name, "num_classes": num_classes, **extra, **kwargs}, "image_size"
+        )
     net = models.get_model(name, weights=chosen, **kwargs)
     categories = len(chosen.meta["categories"])
     if num_classes != categories:
         replaced = _replace_head(net, categories, num_classes)
-        log.info("torchvision %s with %s weights: %s replaced for %d classes", name, chosen, ", ".join(replaced),
-                 num_classes)
+        log.info(
+            "torchvision %s with %s weights: %s replaced for %d classes", name, chosen, ", ".join(replaced), num_classes
+        )
     return net
 
 
-def timm_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_chans: int = 3,
-               img_size: int | None = None, **kwargs: Any) -> nn.Module:
+def timm_model(
+    name: str,
+    pretrained: bool = False,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    **kwargs: Any,
+) -> nn.Module:
     """A timm model by name (``timm.create_model``), with ``img_size`` only where the model takes it.
 
     Args:
@@ -281,5 +302,15 @@ def timm_model(name: str, pretrained: bool = False, num_classes: int = 1000, in_
     if not timm.is_model(name):
         raise ValueError(f"model.name={name!r} is not a timm model; see timm.list_models()")
     extra = {"img_size": img_size} if img_size is not None else {}
-    return _call_without(timm.create_model, {"model_name": name, "pretrained": pretrained, "num_classes": num_classes,
-                                             "in_chans": in_chans, **extra, **kwargs}, "img_size")
+    return _call_without(
+        timm.create_model,
+        {
+            "model_name": name,
+            "pretrained": pretrained,
+            "num_classes": num_classes,
+            "in_chans": in_chans,
+            **extra,
+            **kwargs,
+        },
+        "img_size",
+    )

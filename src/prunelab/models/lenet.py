@@ -134,9 +134,7 @@ class LeNet5Classic(nn.Module):
 
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10) -> None:
         super().__init__()
-        in_channels, image_size, num_classes = check_io_args(
-            in_channels, image_size, num_classes, 4, "LeNet5Classic"
-        )
+        in_channels, image_size, num_classes = check_io_args(in_channels, image_size, num_classes, 4, "LeNet5Classic")
         pad1 = 2 if image_size < 32 else 0
         pad2 = 2 if image_size < 28 else 0
         out_size = _conv_pool(_conv_pool(image_size, pad1), pad2)

@@ -11,8 +11,27 @@ from prunelab.pruning.obd import OBDPruning
 from prunelab.pruning.slr import SLRPruning
 from prunelab.pruning.spp import SPPPruning
 
-METHODS = {"magnitude": MagnitudePruning, "admm": ADMMPruning, "slr": SLRPruning, "increg": IncRegPruning,
-           "spp": SPPPruning, "autoprune": AutoPrune, "eigendamage": EigenDamagePruning, "obd": OBDPruning}
+METHODS = {
+    "magnitude": MagnitudePruning,
+    "admm": ADMMPruning,
+    "slr": SLRPruning,
+    "increg": IncRegPruning,
+    "spp": SPPPruning,
+    "autoprune": AutoPrune,
+    "eigendamage": EigenDamagePruning,
+    "obd": OBDPruning,
+}
 
-__all__ = ["ADMMPruning", "AutoPrune", "EigenDamagePruning", "IncRegPruning", "METHODS", "MagnitudePruning",
-           "OBDPruning", "PruningCallback", "SLRPruning", "SPPPruning", "check_compression"]
+__all__ = [
+    "ADMMPruning",
+    "AutoPrune",
+    "EigenDamagePruning",
+    "IncRegPruning",
+    "METHODS",
+    "MagnitudePruning",
+    "OBDPruning",
+    "PruningCallback",
+    "SLRPruning",
+    "SPPPruning",
+    "check_compression",
+]

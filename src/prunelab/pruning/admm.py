@@ -40,8 +40,20 @@ UPDATE_UNITS = ("steps", "epochs")
 RETRAIN = ("restart", "continue")
 AUTO = AUTO_GROWTH = "auto"
 PRUNE, QUANTIZE = "prune", "quantize"
-OPTIONS = ("rho", "rho_growth", "rho_max", "update_every", "update_unit", "admm_fraction", "retrain", "quantize",
-           "progressive", "progressive_max_step", "eval_after_hard_prune", *BASE_OPTIONS)
+OPTIONS = (
+    "rho",
+    "rho_growth",
+    "rho_max",
+    "update_every",
+    "update_unit",
+    "admm_fraction",
+    "retrain",
+    "quantize",
+    "progressive",
+    "progressive_max_step",
+    "eval_after_hard_prune",
+    *BASE_OPTIONS,
+)
 
 
 def check_progressive(progressive, compression: float, max_step: float, granularity: str) -> list[float]:
@@ -56,12 +68,16 @@ def check_progressive(progressive, compression: float, max_step: float, granular
         raise ValueError(f"pruning.progressive={progressive!r} must be null, 'auto' or a list of increasing ratios")
     ratios = [check_number("progressive", r, 1.0) for r in progressive]
     if any(b <= a for a, b in zip(ratios, ratios[1:])) or ratios[-1] > compression:
-        raise ValueError(f"pruning.progressive={list(progressive)!r} must increase and end at most at "
-                         f"pruning.compression={compression:g}")
+        raise ValueError(
+            f"pruning.progressive={list(progressive)!r} must increase and end at most at "
+            f"pruning.compression={compression:g}"
+        )
     ratios = ratios if ratios[-1] == compression else [*ratios, compression]
     if len(ratios) > 1 and not stepped:
-        raise ValueError(f"pruning.progressive={list(progressive)!r} steps the ratio; pruning.granularity="
-                         f"{granularity!r} has one sparsity")
+        raise ValueError(
+            f"pruning.progressive={list(progressive)!r} steps the ratio; pruning.granularity="
+            f"{granularity!r} has one sparsity"
+        )
     return ratios
 
 
@@ -100,11 +116,22 @@ class ADMMPruning(PruningCallback):
 
     method = "admm"
 
-    def __init__(self, compression: float, rho: float = 1e-3, rho_growth: float | str = AUTO_GROWTH,
-                 rho_max: float | None = 0.3,
-                 update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
-                 retrain: str = "restart", quantize=None, progressive="auto", progressive_max_step: float = 64.0,
-                 eval_after_hard_prune: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        rho: float = 1e-3,
+        rho_growth: float | str = AUTO_GROWTH,
+        rho_max: float | None = 0.3,
+        update_every: int = 20,
+        update_unit: str = "steps",
+        admm_fraction: float = 0.5,
+        retrain: str = "restart",
+        quantize=None,
+        progressive="auto",
+        progressive_max_step: float = 64.0,
+        eval_after_hard_prune: bool = True,
+        **kwargs,
+    ) -> None:
         check_known("ADMM", kwargs, OPTIONS)
         super().__init__(compression, **kwargs)
         self.rho0 = self.rho = check_number("rho", rho, 0.0)
@@ -116,8 +143,10 @@ class ADMMPruning(PruningCallback):
         else:
             self.rho_growth = check_number("rho_growth", rho_growth, 1.0, low_open=False)
         if self.rho_max is not None and self.rho_max < self.rho0 and self.rho_growth != 1.0:
-            raise ValueError(f"pruning.rho_max={rho_max!r} must be >= pruning.rho={rho!r} (rho_growth='auto' raises ρ "
-                             "from rho to rho_max; rho_growth=1.0 keeps ρ fixed)")
+            raise ValueError(
+                f"pruning.rho_max={rho_max!r} must be >= pruning.rho={rho!r} (rho_growth='auto' raises ρ "
+                "from rho to rho_max; rho_growth=1.0 keeps ρ fixed)"
+            )
         self.growth = 1.0 if self.rho_growth == AUTO_GROWTH else self.rho_growth  # per update; auto: per stage
         self.update_every = check_int("update_every", update_every)
         self.update_unit = check_choice("update_unit", update_unit, UPDATE_UNITS)
@@ -223,8 +252,11 @@ class ADMMPruning(PruningCallback):
         end = self._stage_end()
         for config in trainer.lr_scheduler_configs:
             if type(config.scheduler) is torch.optim.lr_scheduler.CosineAnnealingLR:
-                left = end - trainer.global_step if config.interval == "step" else \
-                    math.ceil(end / self.per_epoch) - trainer.current_epoch
+                left = (
+                    end - trainer.global_step
+                    if config.interval == "step"
+                    else math.ceil(end / self.per_epoch) - trainer.current_epoch
+                )
                 config.scheduler.T_max = max(left, 1)
 
     # ----------------------------------------------------------------- ADMM iterations
@@ -316,8 +348,9 @@ class ADMMPruning(PruningCallback):
         if self.eval_after_hard_prune:
             self.acc_after_hard_prune = self.val_accuracy(trainer, pl_module)
             if self.acc_after_hard_prune is not None:
-                pl_module.log(f"{self.method}/acc_after_hard_prune", self.acc_after_hard_prune,
-                              on_step=False, on_epoch=True)
+                pl_module.log(
+                    f"{self.method}/acc_after_hard_prune", self.acc_after_hard_prune, on_step=False, on_epoch=True
+                )
 
     # ----------------------------------------------------------------- the core's method hooks
     @property
@@ -399,9 +432,15 @@ class ADMMPruning(PruningCallback):
         return {"Z": self.Z, "U": self.U, "latent": self.latent}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"rho": self.rho, "last_update": self.last_update, "q": dict(self.q),
-                "acc_after_hard_prune": self.acc_after_hard_prune, "stage": self.stage, "stage_hard": self.stage_hard,
-                "target_sparsity": self.target_sparsity}
+        return {
+            "rho": self.rho,
+            "last_update": self.last_update,
+            "q": dict(self.q),
+            "acc_after_hard_prune": self.acc_after_hard_prune,
+            "stage": self.stage,
+            "stage_hard": self.stage_hard,
+            "target_sparsity": self.target_sparsity,
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rho, self.last_update, self.q = state["rho"], state["last_update"], dict(state["q"])

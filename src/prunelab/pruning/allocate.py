@@ -79,8 +79,13 @@ def allocate(
     sizes = {n: groups.group_size(weights[n], granularity) for n in scores}
     counts = {n: scores[n].numel() for n in scores}
     total = sum(w.numel() for w in weights.values())
-    fractions = {} if layer_sparsity is not None else fraction_floors(
-        {n: counts[n] * sizes[n] for n in scores}, min_keep_fraction, total - round(sparsity * total))
+    fractions = (
+        {}
+        if layer_sparsity is not None
+        else fraction_floors(
+            {n: counts[n] * sizes[n] for n in scores}, min_keep_fraction, total - round(sparsity * total)
+        )
+    )
     caps = {n: counts[n] - keep_floor(counts[n], min_keep, fractions.get(n, 0.0), round_to) for n in scores}
     if layer_sparsity is not None:
         k = {n: min(round(layer_sparsity.get(n, 0.0) * counts[n]), caps[n]) for n in scores}
@@ -94,7 +99,8 @@ def allocate(
                 f"pruning.compression={1 / max(1 - sparsity, 1e-300):.4g} cannot be reached: it needs {needed} zeros "
                 f"but granularity {granularity!r} can zero at most {available} of {total} prunable weights while "
                 f"every layer keeps its floor (max compression ≈ {reachable:.2f}×; pruning.min_keep={min_keep}, "
-                f"pruning.min_keep_fraction={min_keep_fraction:g}" + (f", pruning.round_to={round_to}" if round_to else "")
+                f"pruning.min_keep_fraction={min_keep_fraction:g}"
+                + (f", pruning.round_to={round_to}" if round_to else "")
                 + ")"
             )
         if scope == "layer":
@@ -104,7 +110,9 @@ def allocate(
     if round_to:
         k = _round_counts(k, scores, counts, sizes, caps, needed, round_to)
     return {
-        n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity) if n in scores else torch.ones_like(w, dtype=torch.bool)
+        n: groups.expand(_lowest(scores[n], k[n]), weights[n], granularity)
+        if n in scores
+        else torch.ones_like(w, dtype=torch.bool)
         for n, w in weights.items()
     }
 
@@ -153,7 +161,8 @@ def _allocate_nm(weights, scores, sparsity: float, nm: tuple[int, int], layer_sp
     if layer_sparsity:
         raise ValueError(f"layer_sparsity does not apply to granularity '{n}:{m}' (its sparsity is fixed by N:M)")
     masks = {
-        name: groups.nm_mask(scores[name].reshape(w.shape).to(w.device), n, m, name) if name in scores
+        name: groups.nm_mask(scores[name].reshape(w.shape).to(w.device), n, m, name)
+        if name in scores
         else torch.ones_like(w, dtype=torch.bool)
         for name, w in weights.items()
     }

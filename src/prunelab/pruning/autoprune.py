@@ -69,8 +69,17 @@ class AutoPrune(PruningCallback):
 
     method = "autoprune"
 
-    def __init__(self, compression: float, gate_lr: float = 0.1, reg: float = 0.0, ste: str = "leaky_relu",
-                 ste_slope: float = 0.1, prune_fraction: float = 0.5, exponent: float = 3.0, **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        gate_lr: float = 0.1,
+        reg: float = 0.0,
+        ste: str = "leaky_relu",
+        ste_slope: float = 0.1,
+        prune_fraction: float = 0.5,
+        exponent: float = 3.0,
+        **kwargs,
+    ) -> None:
         check_known("AutoPrune", kwargs, BASE_OPTIONS)
         super().__init__(compression, **kwargs)
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -96,8 +105,10 @@ class AutoPrune(PruningCallback):
     @torch.no_grad()
     def init_gates(self) -> None:
         weights = self.weights()
-        self.gates = {n: super(AutoPrune, self).group_scores(n, weights[n]).detach().float().clone()
-                      for n in sorted(self._eligible)}
+        self.gates = {
+            n: super(AutoPrune, self).group_scores(n, weights[n]).detach().float().clone()
+            for n in sorted(self._eligible)
+        }
         mean = torch.cat([g.flatten().cpu() for g in self.gates.values()]).mean()
         self.lr = self.gate_lr * float(mean)
 
@@ -134,8 +145,15 @@ class AutoPrune(PruningCallback):
             gates = {n: g > threshold for n, g in self.gates.items()}
             if all(int(o.sum()) >= self.min_keep for o in gates.values()):
                 return gates
-        masks = allocate(self.weights(), self.gates, sparsity, self.granularity, self.scope, self.min_keep,
-                         self._layer_targets(sparsity))
+        masks = allocate(
+            self.weights(),
+            self.gates,
+            sparsity,
+            self.granularity,
+            self.scope,
+            self.min_keep,
+            self._layer_targets(sparsity),
+        )
         return {n: groups.group_mask_of(masks[n], self.granularity) for n in self.gates}
 
     def before_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -149,10 +167,15 @@ class AutoPrune(PruningCallback):
         self._signs = {n: torch.sign(self.masks.modules[n].weight.detach()) for n in self.gates}
         opened = sum(int(o.sum()) for o in self._open.values())
         reopened = sum(int((o & ~previous[n]).sum()) for n, o in self._open.items()) if previous else 0
-        for key, value in (("open_fraction", opened / sum(o.numel() for o in self._open.values())),
-                           ("mean_gate", float(sum(g.sum() for g in self.gates.values()))
-                            / sum(g.numel() for g in self.gates.values())),
-                           ("reopened", float(reopened)), ("target_sparsity", sparsity)):
+        for key, value in (
+            ("open_fraction", opened / sum(o.numel() for o in self._open.values())),
+            (
+                "mean_gate",
+                float(sum(g.sum() for g in self.gates.values())) / sum(g.numel() for g in self.gates.values()),
+            ),
+            ("reopened", float(reopened)),
+            ("target_sparsity", sparsity),
+        ):
             pl_module.log(f"autoprune/{key}", value, on_step=False, on_epoch=True)
 
     def transient_masks(self, trainer: pl.Trainer) -> dict[str, torch.Tensor] | None:

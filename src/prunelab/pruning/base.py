@@ -35,8 +35,17 @@ from prunelab.pruning.masks import MaskSet, filter_dependents, prunable_layers, 
 from prunelab.pruning.schedules import compression_to_sparsity
 
 log = logging.getLogger(__name__)
-BASE_OPTIONS = ("granularity", "scope", "layers", "exclude", "layer_sparsity", "min_keep", "min_keep_fraction",
-                "round_to", "target")
+BASE_OPTIONS = (
+    "granularity",
+    "scope",
+    "layers",
+    "exclude",
+    "layer_sparsity",
+    "min_keep",
+    "min_keep_fraction",
+    "round_to",
+    "target",
+)
 ROUND_TO_AUTO = 8  # ``round_to: auto`` on a CUDA device (tensor-core friendly channel counts); off on the CPU
 
 
@@ -98,17 +107,20 @@ class PruningCallback(pl.Callback):
             raise ValueError(f"pruning.scope={scope!r} is not one of: {', '.join(SCOPES)}, auto")
         if min_keep != "auto":
             check_int("min_keep", min_keep)
-        self.min_keep_fraction = check_number("min_keep_fraction", min_keep_fraction, 0.0, 1.0, low_open=False,
-                                              high_open=True)
+        self.min_keep_fraction = check_number(
+            "min_keep_fraction", min_keep_fraction, 0.0, 1.0, low_open=False, high_open=True
+        )
         self.target = check_choice("target", target, macs_target.TARGETS)
         structured = self.granularity in macs_target.MACS_GRANULARITIES
         # removing a channel also removes what reads it downstream: the ratio is counted on the compacted model
         self.counts_compacted = self.granularity in macs_target.COMPACTED_GRANULARITIES
         if self.target == "macs" and not structured:
             kinds = ", ".join(macs_target.MACS_GRANULARITIES)
-            raise ValueError(f"pruning.target=macs needs a granularity that removes channels ({kinds}), not "
-                             f"pruning.granularity={granularity!r}: other zeros leave the layers' MACs as they are "
-                             "(add pruning.granularity=filter)")
+            raise ValueError(
+                f"pruning.target=macs needs a granularity that removes channels ({kinds}), not "
+                f"pruning.granularity={granularity!r}: other zeros leave the layers' MACs as they are "
+                "(add pruning.granularity=filter)"
+            )
         if round_to == "auto":
             self.round_to_auto = structured
             round_to = None
@@ -117,8 +129,10 @@ class PruningCallback(pl.Callback):
             if round_to is not None:
                 check_int("round_to", round_to)
                 if not structured:
-                    raise ValueError(f"pruning.round_to={round_to!r} rounds channel counts: it needs granularity "
-                                     f"filter or channel, not {granularity!r}")
+                    raise ValueError(
+                        f"pruning.round_to={round_to!r} rounds channel counts: it needs granularity "
+                        f"filter or channel, not {granularity!r}"
+                    )
         self.round_to: int | None = round_to
         for name, frac in (layer_sparsity or {}).items():
             if not 0.0 <= float(frac) < 1.0:
@@ -171,7 +185,9 @@ class PruningCallback(pl.Callback):
         if self.layer_sparsity:
             unknown = sorted(set(self.layer_sparsity) - set(modules))
             if unknown:
-                raise ValueError(f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}")
+                raise ValueError(
+                    f"Unknown layer(s) {unknown} in pruning.layer_sparsity; pruned layers: {list(modules)}"
+                )
 
     def rebind(self, model: nn.Module) -> None:
         """After a method replaced layers of ``model`` (:attr:`changes_architecture`): masks start over, all ones, on
@@ -198,26 +214,41 @@ class PruningCallback(pl.Callback):
             if example_input is None:
                 raise ValueError("pruning.target=macs needs an example input to count MACs")
             if self.layer_sparsity:
-                raise ValueError("pruning.target=macs searches the per-layer ratios itself: drop pruning.layer_sparsity")
+                raise ValueError(
+                    "pruning.target=macs searches the per-layer ratios itself: drop pruning.layer_sparsity"
+                )
         table = self.layer_sparsity
         if self.counts_compacted and example_input is not None:
             self.example_input = example_input
             if self.target == "macs":  # reachable by some allocation? (the uniform path, then single groups)
                 plan = macs_target.plan_for(self, scores=zeros, scope="layer")
                 if not plan.met(self.compression):
-                    raise UnreachableCompressionError(macs_target.nearest_message(
-                        self.compression, self.target, plan.below, plan.above, self._floor_text()))
+                    raise UnreachableCompressionError(
+                        macs_target.nearest_message(
+                            self.compression, self.target, plan.below, plan.above, self._floor_text()
+                        )
+                    )
                 table = macs_target.fractions(self, plan.counts)
             elif not self.layer_sparsity:
                 sparsity, _ = self.search(scores=zeros, steps=0)  # reachable at all?
-        trial = allocate(weights, zeros, sparsity, self.granularity, self.scope, self.min_keep,
-                         table, min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
+        trial = allocate(
+            weights,
+            zeros,
+            sparsity,
+            self.granularity,
+            self.scope,
+            self.min_keep,
+            table,
+            min_keep_fraction=self.min_keep_fraction,
+            round_to=self.round_to,
+        )
         if self.layer_sparsity:  # a table is a statement of the compression too: the two must agree
             implied = None
             if self.counts_compacted and self.example_input is not None:
                 dense = sum(w.numel() for w in weights.values())
-                implied = dense / macs_target.compacted_cost(self.net, trial, self.masks.dependents, self.example_input,
-                                                             "params", list(weights))
+                implied = dense / macs_target.compacted_cost(
+                    self.net, trial, self.masks.dependents, self.example_input, "params", list(weights)
+                )
             check_table_compression(self.compression, trial, implied)
         self.masks = MaskSet()
         return trial
@@ -236,16 +267,26 @@ class PruningCallback(pl.Callback):
             scores = scores.reshape(-1, block).square().mean(1).sqrt().repeat_interleave(block).view_as(scores)
         return scores
 
-    def allocation(self, sparsity: float, xs: dict[str, torch.Tensor] | None = None,
-                   scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def allocation(
+        self, sparsity: float, xs: dict[str, torch.Tensor] | None = None, scores: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Masks that keep the top groups of ``xs`` (default: the weights) by :meth:`group_scores` (or the given
         ``scores``) at ``sparsity``."""
         weights = self.weights()
         xs = weights if xs is None else xs
         if scores is None:
             scores = {n: self.group_scores(n, xs[n]) for n in xs if n in self._eligible}
-        return allocate(weights, scores, sparsity, self.granularity, self.scope, self.min_keep,
-                        self._layer_targets(sparsity), min_keep_fraction=self.min_keep_fraction, round_to=self.round_to)
+        return allocate(
+            weights,
+            scores,
+            sparsity,
+            self.granularity,
+            self.scope,
+            self.min_keep,
+            self._layer_targets(sparsity),
+            min_keep_fraction=self.min_keep_fraction,
+            round_to=self.round_to,
+        )
 
     def max_sparsity(self) -> float:
         """The largest sparsity the allocation accepts: every eligible layer at its floor (``min_keep_fraction``
@@ -264,7 +305,8 @@ class PruningCallback(pl.Callback):
             raise ValueError(
                 f"pruning.granularity={self.granularity} counts pruning.compression on the compacted model, which "
                 "needs one example input: train with a datamodule that has num_channels and image_size, set the "
-                "LightningModule's example_input_array, or set the callback's example_input")
+                "LightningModule's example_input_array, or set the callback's example_input"
+            )
         return self.example_input
 
     @property
@@ -290,31 +332,54 @@ class PruningCallback(pl.Callback):
             plan = macs_target.plan_for(self)
             if not plan.met(self.compression):  # the ranking's own path missed: the uniform one, as validated
                 uniform = macs_target.plan_for(self, scope="layer")
-                plan = uniform if abs(uniform.reached - self.compression) < abs(plan.reached - self.compression) \
-                    else plan
+                plan = (
+                    uniform if abs(uniform.reached - self.compression) < abs(plan.reached - self.compression) else plan
+                )
             self._planned = macs_target.fractions(self, plan.counts)
             self.final_sparsity, self.reached = self.allocation_sparsity(self.final_sparsity), plan.reached
-            self.note = None if plan.met(self.compression) else macs_target.nearest_message(
-                self.compression, self.target, plan.below, plan.above, "no allocation the search tried met it")
+            self.note = (
+                None
+                if plan.met(self.compression)
+                else macs_target.nearest_message(
+                    self.compression, self.target, plan.below, plan.above, "no allocation the search tried met it"
+                )
+            )
             if self.note:
                 log.warning("%s: %s; pruning to %.3fx", self.method, self.note, plan.reached)
-            log.info("%s: %.2fx fewer MACs in the compacted model, groups pruned per layer %s", self.method,
-                     self.reached, plan.counts)
+            log.info(
+                "%s: %.2fx fewer MACs in the compacted model, groups pruned per layer %s",
+                self.method,
+                self.reached,
+                plan.counts,
+            )
             return
         self.final_sparsity, self.reached = self.search(min_sparsity=self.current_sparsity)
-        log.info("%s: %.2fx fewer %s in the compacted model at mask sparsity %.4f", self.method, self.reached,
-                 "MACs" if self.target == "macs" else "weights", self.final_sparsity)
+        log.info(
+            "%s: %.2fx fewer %s in the compacted model at mask sparsity %.4f",
+            self.method,
+            self.reached,
+            "MACs" if self.target == "macs" else "weights",
+            self.final_sparsity,
+        )
 
     @torch.no_grad()
-    def search(self, scores: dict[str, torch.Tensor] | None = None, steps: int | None = None,
-               min_sparsity: float = 0.0, compression: float | None = None) -> tuple[float, float]:
+    def search(
+        self,
+        scores: dict[str, torch.Tensor] | None = None,
+        steps: int | None = None,
+        min_sparsity: float = 0.0,
+        compression: float | None = None,
+    ) -> tuple[float, float]:
         """(mask sparsity ≥ ``min_sparsity``, ratio reached) closest to ``compression`` (default
         :attr:`compression`) on the compacted model, ranking groups by the weights (or ``scores``), in ``steps``
         bisection steps (default: enough to resolve one group)."""
         example = self._example()
         names = list(self.masks.modules)
-        dense = (macs_target.count_macs(self.net, example) if self.target == "macs"
-                 else sum(w.numel() for w in self.weights().values()))
+        dense = (
+            macs_target.count_macs(self.net, example)
+            if self.target == "macs"
+            else sum(w.numel() for w in self.weights().values())
+        )
         if steps is None:  # resolve one group of the ranking
             groups_total = sum(math.prod(groups.group_shape(m, self.granularity)) for m in self.weights().values())
             steps = math.ceil(math.log2(groups_total)) + 2
@@ -324,8 +389,9 @@ class PruningCallback(pl.Callback):
             return macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, self.target, names)
 
         compression = self.compression if compression is None else compression
-        return macs_target.sparsity_for_target(cost_at, dense, compression, self.max_sparsity(), steps,
-                                               min_sparsity, self.target)
+        return macs_target.sparsity_for_target(
+            cost_at, dense, compression, self.max_sparsity(), steps, min_sparsity, self.target
+        )
 
     @torch.no_grad()
     def prune_to(self, sparsity: float, trainer: pl.Trainer | None = None) -> None:
@@ -359,8 +425,15 @@ class PruningCallback(pl.Callback):
             return
         if self.target == "macs":  # the groups per layer of this ratio, from what is pruned already
             plan = macs_target.plan_for(self, compression=compression)
-            masks = allocate(self.weights(), self._scores(), 0.0, self.granularity, self.scope, self.min_keep,
-                             macs_target.fractions(self, plan.counts))
+            masks = allocate(
+                self.weights(),
+                self._scores(),
+                0.0,
+                self.granularity,
+                self.scope,
+                self.min_keep,
+                macs_target.fractions(self, plan.counts),
+            )
             for name, mask in masks.items():
                 self.masks.set(name, mask)
             self.masks.apply()
@@ -521,8 +594,9 @@ class PruningCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.masks.restore()
         if not self.done:
-            log.warning("%s: training ended before pruning was done; finishing it now (no fine-tuning after this)",
-                        self.method)
+            log.warning(
+                "%s: training ended before pruning was done; finishing it now (no fine-tuning after this)", self.method
+            )
             self.finalize(trainer)
         if self.target == "macs" and self.example_input is not None and not self.changes_architecture:
             self.check_reached()
@@ -535,11 +609,14 @@ class PruningCallback(pl.Callback):
         masks = {n: self.masks.masks[n] for n in self.masks.modules}
         example = self._example()
         dense = macs_target.count_macs(self.net, example)
-        self.reached = dense / macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, "macs",
-                                                          list(masks))
+        self.reached = dense / macs_target.compacted_cost(
+            self.net, masks, self.masks.dependents, example, "macs", list(masks)
+        )
         if abs(self.reached - self.compression) / self.compression > macs_target.TOLERANCE and self.note is None:
-            self.note = (f"pruning.compression={self.compression:g} with pruning.target=macs: the final masks give "
-                         f"{self.reached:.3f}x (the groups the method chose are coupled differently from the plan's)")
+            self.note = (
+                f"pruning.compression={self.compression:g} with pruning.target=macs: the final masks give "
+                f"{self.reached:.3f}x (the groups the method chose are coupled differently from the plan's)"
+            )
             log.warning("%s: %s", self.method, self.note)
 
     def tags(self) -> dict[str, str]:
@@ -562,8 +639,11 @@ class PruningCallback(pl.Callback):
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             if type(scheduler) is not torch.optim.lr_scheduler.CosineAnnealingLR:
-                log.warning("%s: the retraining goes on with %s as it was (only a cosine schedule is restarted)",
-                            self.method, type(scheduler).__name__)
+                log.warning(
+                    "%s: the retraining goes on with %s as it was (only a cosine schedule is restarted)",
+                    self.method,
+                    type(scheduler).__name__,
+                )
                 continue
             if config.interval == "step":
                 left = int(trainer.estimated_stepping_batches) - trainer.global_step
@@ -618,8 +698,9 @@ class PruningCallback(pl.Callback):
             "reached": self.reached,
             "note": self.note,
             "phase": self.phase,
-            "tensors": {kind: {n: t.detach().cpu().clone() for n, t in d.items()}
-                        for kind, d in self.layer_tensors().items()},
+            "tensors": {
+                kind: {n: t.detach().cpu().clone() for n, t in d.items()} for kind, d in self.layer_tensors().items()
+            },
             "extra": self.extra_state(),
         }
 

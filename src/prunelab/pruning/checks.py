@@ -20,11 +20,14 @@ def check_compression(compression: Any) -> float:
     return float(compression)
 
 
-def check_number(key: str, value: Any, low: float, high: float = math.inf, low_open: bool = True,
-                 high_open: bool = False) -> float:
+def check_number(
+    key: str, value: Any, low: float, high: float = math.inf, low_open: bool = True, high_open: bool = False
+) -> float:
     """``value`` as a float if it is a finite number in the interval, else a ValueError naming ``pruning.<key>``."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    inside = ok and ((value > low) if low_open else (value >= low)) and ((value < high) if high_open else (value <= high))
+    inside = (
+        ok and ((value > low) if low_open else (value >= low)) and ((value < high) if high_open else (value <= high))
+    )
     if not inside:
         bound = f"{'>' if low_open else '>='} {low:g}"
         if high != math.inf:
@@ -63,5 +66,7 @@ def check_table_compression(compression: float, masks: dict, implied: float | No
     if implied is None:
         implied = sum(m.numel() for m in masks.values()) / max(sum(int(m.sum()) for m in masks.values()), 1)
     if abs(implied - compression) / compression > 0.02:
-        raise ValueError(f"pruning.compression={compression:g} disagrees with pruning.layer_sparsity, which gives "
-                         f"{implied:.2f}× on this model; set compression to {implied:.2f}")
+        raise ValueError(
+            f"pruning.compression={compression:g} disagrees with pruning.layer_sparsity, which gives "
+            f"{implied:.2f}× on this model; set compression to {implied:.2f}"
+        )

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from prunelab.models.architecture import BottleneckLayer, replace
-from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning import kfac, kfe, macs_target, schedules
+from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
 from prunelab.pruning.masks import prunable_layers
@@ -38,8 +38,20 @@ log = logging.getLogger(__name__)
 
 MODES = ("one_pass", "iterative")
 SCOPES = ("global", "lamp", "layer", "auto")
-OPTIONS = ("mode", "rounds", "prune_fraction", "prune_ratio_limit", "fisher_type", "fisher_batches", "fix_rotation",
-           "recalibrate_bn", "seed", "layers", "exclude", "target")
+OPTIONS = (
+    "mode",
+    "rounds",
+    "prune_fraction",
+    "prune_ratio_limit",
+    "fisher_type",
+    "fisher_batches",
+    "fix_rotation",
+    "recalibrate_bn",
+    "seed",
+    "layers",
+    "exclude",
+    "target",
+)
 
 
 class EigenDamagePruning(PruningCallback):
@@ -69,10 +81,21 @@ class EigenDamagePruning(PruningCallback):
     method = "eigendamage"
     changes_architecture = True
 
-    def __init__(self, compression: float, mode: str = "one_pass", rounds: int = 3, prune_fraction: float = 0.5,
-                 prune_ratio_limit: float = 0.99, fisher_type: str = "true", fisher_batches: int | None = None,
-                 fix_rotation: bool = False, recalibrate_bn: bool = True, seed: int | None = None,
-                 scope: str = "lamp", **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        mode: str = "one_pass",
+        rounds: int = 3,
+        prune_fraction: float = 0.5,
+        prune_ratio_limit: float = 0.99,
+        fisher_type: str = "true",
+        fisher_batches: int | None = None,
+        fix_rotation: bool = False,
+        recalibrate_bn: bool = True,
+        seed: int | None = None,
+        scope: str = "lamp",
+        **kwargs,
+    ) -> None:
         check_known("EigenDamage", kwargs, OPTIONS)
         target = kwargs.pop("target", "params")  # the core's check ties target=macs to filter/channel masks
         super().__init__(compression, scope=check_choice("scope", scope, SCOPES), **kwargs)
@@ -114,7 +137,9 @@ class EigenDamagePruning(PruningCallback):
         classifier = list(prunable_layers(model))[-1]
         if self.layers is not None and classifier in self.layers:
             raise ValueError(f"pruning.layers names the classifier {classifier!r}; EigenDamage never prunes it")
-        trial = super().validate(model, example_input)  # binds once: candidates and dense weights are known from here on
+        trial = super().validate(
+            model, example_input
+        )  # binds once: candidates and dense weights are known from here on
         modules = prunable_layers(model, self.layers, self.exclude)
         kfac.refuse_unfactorable("EigenDamage", model, {n: modules[n] for n in self.candidates})
         if self.target == "macs":
@@ -129,7 +154,8 @@ class EigenDamagePruning(PruningCallback):
                 f"{reachable:.2f}×{' fewer MACs' if self.target == 'macs' else ''} with "
                 f"pruning.prune_ratio_limit={self.prune_ratio_limit:g} and {self.rounds} "
                 f"round(s) (outer widths do not change and the classifier {classifier!r} keeps its "
-                f"{kfe.weight_count(modules[classifier])} weights); raise prune_ratio_limit or use iterative rounds")
+                f"{kfe.weight_count(modules[classifier])} weights); raise prune_ratio_limit or use iterative rounds"
+            )
         return trial
 
     def _max_compression(self, modules: dict[str, nn.Module]) -> float:
@@ -162,8 +188,7 @@ class EigenDamagePruning(PruningCallback):
     def start(self, trainer: pl.Trainer) -> None:
         total = int(trainer.estimated_stepping_batches)
         self._last_step = total
-        self._steps = [0] if self.mode == "one_pass" else schedules.round_steps(total, self.prune_fraction,
-                                                                                  self.rounds)
+        self._steps = [0] if self.mode == "one_pass" else schedules.round_steps(total, self.prune_fraction, self.rounds)
         if self.generator is None:
             seed = torch.initial_seed() if self.seed is None else self.seed
             self.generator = torch.Generator().manual_seed(seed % 2**63)
@@ -194,26 +219,35 @@ class EigenDamagePruning(PruningCallback):
         """Factor, score, threshold and replace; ``final`` rounds aim at the target itself and must reach it.
         Returns the number of layers replaced."""
         net = network_of(pl_module)
-        target = self.compression if final else schedules.round_compression(self.rounds_done, self.rounds,
-                                                                              self.compression)
+        target = (
+            self.compression if final else schedules.round_compression(self.rounds_done, self.rounds, self.compression)
+        )
         limit = self.fisher_batches
         if self.rounds_done > 0 and self.recalibrate_bn:
             recalibrate_batchnorm(net, kfac.training_batches(trainer, limit), trainer.precision_plugin, trainer)
         current = dict(net.named_modules())
         layers = {n: current[n] for n in self.candidates}
         factored = {n: m.core if isinstance(m, BottleneckLayer) else m for n, m in layers.items()}
-        factors = kfac.collect_factors(net, factored, kfac.training_batches(trainer, limit), patch=True,
-                                       trainer=trainer, fisher_type=self.fisher_type,
-                                       generator=self.generator, precision=trainer.precision_plugin)
+        factors = kfac.collect_factors(
+            net,
+            factored,
+            kfac.training_batches(trainer, limit),
+            patch=True,
+            trainer=trainer,
+            fisher_type=self.fisher_type,
+            generator=self.generator,
+            precision=trainer.precision_plugin,
+        )
         kfes = {n: kfe.decompose(layers[n], factors[n]) for n in self.candidates}
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
         budget = self._macs_budget(net, layers) if self.target == "macs" else None
-        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self._ranking(),
-                          budget)
+        result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self._ranking(), budget)
         missed = abs(result.compression - target) / target > macs_target.TOLERANCE
         if final and missed and budget is None:
-            raise RuntimeError(f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
-                               f"{target:g} (prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")
+            raise RuntimeError(
+                f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
+                f"{target:g} (prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)"
+            )
         self._replace(net, kfes, result)
         if budget is not None and final:
             result = self._meet_compacted(net, kfes, fixed, budget, result, target)
@@ -223,8 +257,14 @@ class EigenDamagePruning(PruningCallback):
         self.rebind(net)
         self.rounds_done = self.rounds if final else self.rounds_done + 1
         self.achieved = result.compression
-        log.info("eigendamage round %d: %d layers replaced, %d directions dropped, %.3f× (target %.3f×)",
-                 self.rounds_done, len(result.keep), result.pruned_units, result.compression, target)
+        log.info(
+            "eigendamage round %d: %d layers replaced, %d directions dropped, %.3f× (target %.3f×)",
+            self.rounds_done,
+            len(result.keep),
+            result.pruned_units,
+            result.compression,
+            target,
+        )
         return len(result.keep)
 
     def _ranking(self) -> bool | str:
@@ -238,8 +278,15 @@ class EigenDamagePruning(PruningCallback):
             keep = result.keep.get(name)
             replace(net, name, kfe.build(layer_kfe, *keep) if keep else layer_kfe.layer)
 
-    def _meet_compacted(self, net: nn.Module, kfes: dict[str, kfe.LayerKFE], fixed: int, budget: kfe.MacsBudget,
-                        result: kfe.Plan, target: float) -> kfe.Plan:
+    def _meet_compacted(
+        self,
+        net: nn.Module,
+        kfes: dict[str, kfe.LayerKFE],
+        fixed: int,
+        budget: kfe.MacsBudget,
+        result: kfe.Plan,
+        target: float,
+    ) -> kfe.Plan:
         """``target=macs``: the ratio is the compacted network's (compaction also drops the channels that feed only
         the rotations' dead inputs), so the plan's target is rescaled by requested / reached and the layers rebuilt
         again while that brings it closer (three times at most); :attr:`note` says when it stays off by > 2 %."""
@@ -251,16 +298,17 @@ class EigenDamagePruning(PruningCallback):
             if abs(reached - target) / target <= macs_target.TOLERANCE:
                 break
             aim *= target / reached
-            result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self._ranking(),
-                              budget)
+            result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self._ranking(), budget)
             self._replace(net, kfes, result)
         self.reached, result = best
         if result is not None:
             self._replace(net, kfes, result)
         if abs(self.reached - target) / target > macs_target.TOLERANCE:
-            self.note = (f"pruning.compression={target:g} with pruning.target=macs: EigenDamage reached "
-                         f"{self.reached:.3f}x (one direction of a small layer moves the MACs by more than 2 %, or "
-                         f"prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)")
+            self.note = (
+                f"pruning.compression={target:g} with pruning.target=macs: EigenDamage reached "
+                f"{self.reached:.3f}x (one direction of a small layer moves the MACs by more than 2 %, or "
+                f"prune_ratio_limit={self.prune_ratio_limit:g} caps every layer)"
+            )
             log.warning("eigendamage: %s", self.note)
         return result
 
@@ -288,8 +336,12 @@ class EigenDamagePruning(PruningCallback):
 
     # ----------------------------------------------------------------- state
     def extra_state(self) -> dict[str, Any]:
-        return {"rounds_done": self.rounds_done, "achieved": self.achieved, "dense_macs": self.dense_macs,
-                "generator": None if self.generator is None else self.generator.get_state()}
+        return {
+            "rounds_done": self.rounds_done,
+            "achieved": self.achieved,
+            "dense_macs": self.dense_macs,
+            "generator": None if self.generator is None else self.generator.get_state(),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rounds_done, self.achieved = state["rounds_done"], state["achieved"]
@@ -299,5 +351,10 @@ class EigenDamagePruning(PruningCallback):
             self.generator.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "granularity": "eigenbasis", "mode": self.mode, "target": self.target,
-                "prune_ratio_limit": self.prune_ratio_limit}
+        return {
+            **super().describe(),
+            "granularity": "eigenbasis",
+            "mode": self.mode,
+            "target": self.target,
+            "prune_ratio_limit": self.prune_ratio_limit,
+        }

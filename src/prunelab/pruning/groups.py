@@ -38,7 +38,7 @@ def check_granularity(granularity: str) -> str:
     if granularity not in GRANULARITIES and parse_nm(granularity) is None:
         hint = ""
         if isinstance(granularity, int):  # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124
-            hint = "; quote N:M in YAML (granularity: \"2:4\")"
+            hint = '; quote N:M in YAML (granularity: "2:4")'
         raise ValueError(
             f"Unknown granularity {granularity!r}; valid choices: {', '.join(GRANULARITIES)}, "
             f"or N:M with 0 < N < M such as 2:4{hint}"

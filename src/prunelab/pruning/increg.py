@@ -67,9 +67,18 @@ class IncRegPruning(PruningCallback):
     method = "increg"
     auto_scope = "layer"  # scope=auto under target=params
 
-    def __init__(self, compression: float, lambda_max: float = 6.13, ramp: float = 0.05,
-                 amplitude: float | None = None, u: float = 0.25, rank: str = "history",
-                 granularity: str = "column", scope: str = "layer", **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        lambda_max: float = 6.13,
+        ramp: float = 0.05,
+        amplitude: float | None = None,
+        u: float = 0.25,
+        rank: str = "history",
+        granularity: str = "column",
+        scope: str = "layer",
+        **kwargs,
+    ) -> None:
         check_known("IncReg", kwargs, OPTIONS)
         granularity = check_choice("granularity", granularity, GRANULARITIES)
         super().__init__(compression, granularity=granularity, scope=scope, **kwargs)
@@ -191,5 +200,4 @@ class IncRegPruning(PruningCallback):
         self.counts, self.A = dict(state["counts"]), state["A"]
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "lambda_max": self.lambda_max, "ramp": self.ramp, "u": self.u,
-                "rank": self.rank}
+        return {**super().describe(), "lambda_max": self.lambda_max, "ramp": self.ramp, "u": self.u, "rank": self.rank}

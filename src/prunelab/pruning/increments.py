@@ -22,8 +22,9 @@ import torch
 SHAPES = ("exponential", "linear")
 
 
-def increment(rank: torch.Tensor, to_prune: int, amplitude: float, u: float = 0.25,
-              shape: str = "exponential") -> torch.Tensor:
+def increment(
+    rank: torch.Tensor, to_prune: int, amplitude: float, u: float = 0.25, shape: str = "exponential"
+) -> torch.Tensor:
     """Δ(r) for every entry of ``rank`` (float tensor of 0-based ranks among live groups).
 
     Args:

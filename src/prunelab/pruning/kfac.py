@@ -143,9 +143,11 @@ def refuse_unfactorable(method: str, net: nn.Module, modules: dict[str, nn.Modul
     reasons = unfactorable(net, modules)
     if reasons:
         shown = "; ".join(f"{n!r}: {why}" for n, why in list(reasons.items())[:3])
-        raise ValueError(f"{method} cannot compute Fisher statistics for {len(reasons)} layer(s) ({shown}"
-                         f"{'; …' if len(reasons) > 3 else ''}); leave them out with "
-                         f"pruning.exclude=[{','.join(reasons)}]")
+        raise ValueError(
+            f"{method} cannot compute Fisher statistics for {len(reasons)} layer(s) ({shown}"
+            f"{'; …' if len(reasons) > 3 else ''}); leave them out with "
+            f"pruning.exclude=[{','.join(reasons)}]"
+        )
 
 
 def training_batches(trainer: pl.Trainer, limit: int | None = None) -> Iterable:
@@ -184,8 +186,11 @@ def backprop_pass(
         name = names[module]
         on_layer(name, module, inputs.pop(name), grad_output[0].detach())
 
-    handles = [h for m in modules.values()
-               for h in (m.register_forward_pre_hook(save_input), m.register_full_backward_hook(save_grad))]
+    handles = [
+        h
+        for m in modules.values()
+        for h in (m.register_forward_pre_hook(save_input), m.register_full_backward_hook(save_grad))
+    ]
     was_training, rng, count = net.training, torch.get_rng_state(), 0
     net.eval()
     try:
@@ -219,8 +224,14 @@ def _total(count: int, sums: dict[str, list[torch.Tensor]], trainer: pl.Trainer 
     return int(distributed.all_sum(trainer, torch.tensor(float(count), device=device)).item())
 
 
-def collect_factors(net: nn.Module, modules: dict[str, nn.Module], batches: Iterable, patch: bool = True,
-                    trainer: pl.Trainer | None = None, **pass_kwargs) -> dict[str, Factors]:
+def collect_factors(
+    net: nn.Module,
+    modules: dict[str, nn.Module],
+    batches: Iterable,
+    patch: bool = True,
+    trainer: pl.Trainer | None = None,
+    **pass_kwargs,
+) -> dict[str, Factors]:
     """K-FAC factors of every layer in ``modules`` over ``batches`` (see :func:`backprop_pass` for the options),
     summed over the ranks of ``trainer``'s fit."""
     sums: dict[str, list[torch.Tensor]] = {}
@@ -235,8 +246,9 @@ def collect_factors(net: nn.Module, modules: dict[str, nn.Module], batches: Iter
     return {name: Factors(a / n, g / n) for name, (a, g) in sums.items()}
 
 
-def collect_diagonal(net: nn.Module, modules: dict[str, nn.Module], batches: Iterable,
-                     trainer: pl.Trainer | None = None, **pass_kwargs) -> dict[str, list[torch.Tensor]]:
+def collect_diagonal(
+    net: nn.Module, modules: dict[str, nn.Module], batches: Iterable, trainer: pl.Trainer | None = None, **pass_kwargs
+) -> dict[str, list[torch.Tensor]]:
     """Diagonal Fisher E[(∂ℓ/∂θ)²] of each layer's weight (and bias), from exact per-example gradients, summed over
     the ranks of ``trainer``'s fit."""
     sums: dict[str, list[torch.Tensor]] = {}

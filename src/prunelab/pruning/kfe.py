@@ -80,8 +80,12 @@ def layer_macs(layer: nn.Module, positions: tuple[int, int]) -> int:
     """MACs of a Conv2d/Linear (``positions[1]``: its output positions) or of a bottleneck (``positions`` as in
     :meth:`LayerKFE.bottleneck_macs`), counted as Torch-Pruning counts them."""
     if isinstance(layer, BottleneckLayer):
-        return sum(layer_macs(stage, (0, pos)) for stage, pos in zip(
-            (layer.rotate_in, layer.core, layer.rotate_out), (positions[0], positions[1], positions[1])))
+        return sum(
+            layer_macs(stage, (0, pos))
+            for stage, pos in zip(
+                (layer.rotate_in, layer.core, layer.rotate_out), (positions[0], positions[1], positions[1])
+            )
+        )
     per_output = layer.weight[0].numel() + (layer.bias is not None)
     return positions[1] * layer.weight.shape[0] * per_output
 
@@ -93,6 +97,7 @@ def positions(net: nn.Module, layers: dict[str, nn.Module], example: torch.Tenso
     size, padded by the conv's padding when it carries the bias (:func:`build`); a bottleneck keeps its stages'."""
     seen: dict[nn.Module, tuple[torch.Size, torch.Size]] = {}
     watched = [*layers.values(), *(m.rotate_in for m in layers.values() if isinstance(m, BottleneckLayer))]
+
     def record(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:  # a hook that returns a value replaces out
         seen.setdefault(mod, (args[0].shape, out.shape))
 
@@ -218,8 +223,15 @@ class MacsBudget:
     positions: dict[str, tuple[int, int]]
 
 
-def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, target: float, limit: float,
-         normalize: bool | str = False, macs: MacsBudget | None = None) -> Plan:
+def plan(
+    kfes: dict[str, LayerKFE],
+    fixed_weights: int,
+    dense_weights: int,
+    target: float,
+    limit: float,
+    normalize: bool | str = False,
+    macs: MacsBudget | None = None,
+) -> Plan:
     """Global threshold over every in/out direction of every layer, searched so that dense / after ≈ ``target``
     (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``; ``normalize``: rank LAMP scores of
     each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones (``True`` or
@@ -236,9 +248,12 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
     names = list(kfes)
     sides = [s for n in names for s in (kfes[n].in_scores, kfes[n].out_scores)]
     if normalize == "layer":  # (position in the side's ascending order + 1) / side size
-        ranked = [torch.empty(len(s), dtype=torch.float64).index_put_(
-            (torch.argsort(s.cpu(), stable=True),), torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s))
-            for s in sides]
+        ranked = [
+            torch.empty(len(s), dtype=torch.float64).index_put_(
+                (torch.argsort(s.cpu(), stable=True),), torch.arange(1, len(s) + 1, dtype=torch.float64) / len(s)
+            )
+            for s in sides
+        ]
     else:
         ranked = list(lamp_scores(dict(enumerate(sides))).values()) if normalize else sides
     scores = torch.cat([s.cpu() for s in ranked])
@@ -277,8 +292,11 @@ def plan(kfes: dict[str, LayerKFE], fixed_weights: int, dense_weights: int, targ
             break
         best, error = options[int(torch.argmin(errors))], float(errors.min())
     ratio, replaced = compression(best[None])
-    keep = {name: (_top(sides[2 * i], int(best[2 * i])), _top(sides[2 * i + 1], int(best[2 * i + 1])))
-            for i, name in enumerate(names) if replaced[0, i]}
+    keep = {
+        name: (_top(sides[2 * i], int(best[2 * i])), _top(sides[2 * i + 1], int(best[2 * i + 1])))
+        for i, name in enumerate(names)
+        if replaced[0, i]
+    }
     return Plan(keep, float(ratio[0]), int((sizes - best).sum()))
 
 

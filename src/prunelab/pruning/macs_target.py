@@ -56,8 +56,14 @@ def masked_copy(net: nn.Module, masks: dict[str, torch.Tensor], dependents: dict
     return clone
 
 
-def compacted_cost(net: nn.Module, masks: dict[str, torch.Tensor], dependents: dict[str, list[Dependent]],
-                   example_input: torch.Tensor, target: str, layers: list[str]) -> int:
+def compacted_cost(
+    net: nn.Module,
+    masks: dict[str, torch.Tensor],
+    dependents: dict[str, list[Dependent]],
+    example_input: torch.Tensor,
+    target: str,
+    layers: list[str],
+) -> int:
     """MACs (``target=macs``) or nonzero weights of ``layers`` (``params``; a compacted ``column`` mask keeps the
     zeros of columns whose channel still has a reader) of ``net`` with ``masks`` applied and every removable channel
     removed."""
@@ -74,8 +80,13 @@ def compacted_macs(net: nn.Module, example_input: torch.Tensor) -> int:
 
 
 def sparsity_for_target(
-    cost_at: Callable[[float], int], dense_cost: int, compression: float, max_sparsity: float, steps: int = 12,
-    min_sparsity: float = 0.0, target: str = "macs",
+    cost_at: Callable[[float], int],
+    dense_cost: int,
+    compression: float,
+    max_sparsity: float,
+    steps: int = 12,
+    min_sparsity: float = 0.0,
+    target: str = "macs",
 ) -> tuple[float, float]:
     """Parameter sparsity of the masks whose compacted cost is closest to ``dense_cost / compression``, and the
     ratio reached.
@@ -118,8 +129,14 @@ def sparsity_for_target(
     _, sparsity, cost = best
     reached = dense_cost / max(cost, 1)
     if abs(reached - compression) / compression > 0.02:
-        log.warning("pruning.target=%s: the closest ratio of %s this ranking reaches is %.3fx (requested %gx): "
-                    "single groups are coarse on this network", target, unit, reached, compression)
+        log.warning(
+            "pruning.target=%s: the closest ratio of %s this ranking reaches is %.3fx (requested %gx): "
+            "single groups are coarse on this network",
+            target,
+            unit,
+            reached,
+            compression,
+        )
     return sparsity, reached
 
 
@@ -177,14 +194,22 @@ def nearest_message(compression: float, target: str, below: float | None, above:
     unit = "MACs" if target == "macs" else "weights"
     sides = [f"{below:.3g}× below" if below else "none below", f"{above:.3g}× above" if above else "none above"]
     offer = " or ".join(f"{r:.3g}" for r in (below, above) if r)
-    return (f"pruning.compression={compression:g} with pruning.target={target} cannot be met within 2 %: {why}; the "
-            f"nearest ratios of {unit} reached are {sides[0]} and {sides[1]}"
-            + (f" (set pruning.compression={offer})" if offer else ""))
+    return (
+        f"pruning.compression={compression:g} with pruning.target={target} cannot be met within 2 %: {why}; the "
+        f"nearest ratios of {unit} reached are {sides[0]} and {sides[1]}"
+        + (f" (set pruning.compression={offer})" if offer else "")
+    )
 
 
-def plan_counts(cost_of: Callable[[dict[str, int]], int], dense_cost: int, compression: float,
-                path: list[tuple[str, int]], start: dict[str, int], ladders: dict[str, list[int]],
-                refine: bool = True) -> Plan:
+def plan_counts(
+    cost_of: Callable[[dict[str, int]], int],
+    dense_cost: int,
+    compression: float,
+    path: list[tuple[str, int]],
+    start: dict[str, int],
+    ladders: dict[str, list[int]],
+    refine: bool = True,
+) -> Plan:
     """The per-layer prune counts along ``path`` (from ``start``) whose compacted cost is closest to
     ``dense_cost / compression``; where one move of the path steps over the ±2 % band, one layer at a time moves
     off the path (:func:`_refine`) until the band is met or no move comes closer.
@@ -232,8 +257,14 @@ def plan_counts(cost_of: Callable[[dict[str, int]], int], dense_cost: int, compr
     return plan
 
 
-def _refine(counts: dict[str, int], compression: float, at: Callable[[dict[str, int]], float],
-            path: list[tuple[str, int]], start: dict[str, int], ladders: dict[str, list[int]]) -> dict[str, int]:
+def _refine(
+    counts: dict[str, int],
+    compression: float,
+    at: Callable[[dict[str, int]], float],
+    path: list[tuple[str, int]],
+    start: dict[str, int],
+    ladders: dict[str, list[int]],
+) -> dict[str, int]:
     """Moves of one layer from ``counts``, as far along its ladder as the ratio needs (forward when below it, back
     towards ``start`` when above; bisection, the cost being monotone in each layer's count): the smallest such move
     (share of the layer's ladder) that lands within 2 % wins, else the one that comes closest, for at most
@@ -253,7 +284,7 @@ def _refine(counts: dict[str, int], compression: float, at: Callable[[dict[str, 
             if counts[name] not in ladder:
                 continue
             j = ladder.index(counts[name])
-            steps = ladder[j + 1:] if forward else [k for k in reversed(ladder[:j]) if k >= start[name]]
+            steps = ladder[j + 1 :] if forward else [k for k in reversed(ladder[:j]) if k >= start[name]]
             if not steps:
                 continue
             here = [{**counts, name: k} for k in steps]
@@ -278,8 +309,9 @@ def _refine(counts: dict[str, int], compression: float, at: Callable[[dict[str, 
 
 
 @torch.no_grad()
-def layer_structure(net: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor,
-                    granularity: str) -> tuple[dict[str, int], list[str]]:
+def layer_structure(
+    net: nn.Module, layers: dict[str, nn.Module], example_input: torch.Tensor, granularity: str
+) -> tuple[dict[str, int], list[str]]:
     """What Torch-Pruning's dependency graph says about the channels of ``layers`` at ``granularity``:
 
     - input blocks (``channel``): Linear layers that read a flattened feature map, with the number of their inputs
@@ -303,8 +335,12 @@ def layer_structure(net: nn.Module, layers: dict[str, nn.Module], example_input:
             fn = tp.prune_linear_in_channels if linear else tp.prune_conv_in_channels
         group = graph.get_pruning_group(module, fn, idxs=[0])
         out = graph.is_out_channel_pruning_fn(fn)
-        sharing = {dep.target.module for dep, _ in group if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
-                   and graph.is_out_channel_pruning_fn(dep.handler) == out}
+        sharing = {
+            dep.target.module
+            for dep, _ in group
+            if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))
+            and graph.is_out_channel_pruning_fn(dep.handler) == out
+        }
         if len(sharing) > 1:
             coupled.append(name)
         block = max((len(idxs) for dep, idxs in group if dep.target.module is module), default=1)
@@ -321,8 +357,13 @@ def fractions(callback, counts: dict[str, int]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def plan_for(callback, compression: float | None = None, scores: dict[str, torch.Tensor] | None = None,
-             scope: str | None = None, refine: bool = True) -> Plan:
+def plan_for(
+    callback,
+    compression: float | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
+    scope: str | None = None,
+    refine: bool = True,
+) -> Plan:
     """:func:`plan_counts` for a bound :class:`~prunelab.pruning.base.PruningCallback`: its eligible layers, their
     floors (``min_keep``, ``min_keep_fraction``, ``round_to``), the groups its masks prune already as the start, its
     ranking (:meth:`group_scores`, or ``scores``) in its ``scope`` (or ``scope``), MACs of the model compacted on its
@@ -331,11 +372,17 @@ def plan_for(callback, compression: float | None = None, scores: dict[str, torch
     weights = callback.weights()
     if callback.coupled is None:
         callback.input_blocks, callback.coupled = layer_structure(
-            callback.net, {n: m for n, m in callback.masks.modules.items() if n in callback._eligible}, example,
-            callback.granularity)
+            callback.net,
+            {n: m for n, m in callback.masks.modules.items() if n in callback._eligible},
+            example,
+            callback.granularity,
+        )
         if callback.coupled:
-            log.info("%s: target=macs leaves %s whole (channels shared through residual additions)", callback.method,
-                     ", ".join(callback.coupled))
+            log.info(
+                "%s: target=macs leaves %s whole (channels shared through residual additions)",
+                callback.method,
+                ", ".join(callback.coupled),
+            )
     blocks = callback.input_blocks or {}
     if scores is None:
         scores = callback._scores()
@@ -347,8 +394,9 @@ def plan_for(callback, compression: float | None = None, scores: dict[str, torch
         mask = callback.masks.masks.get(n)
         start[n] = 0 if mask is None else int((~groups.group_mask_of(mask, callback.granularity).bool()).sum())
         block = blocks.get(n, 1)
-        floor = block * keep_floor(count // block, callback.min_keep, callback.min_keep_fraction,
-                                   None if block > 1 else callback.round_to)
+        floor = block * keep_floor(
+            count // block, callback.min_keep, callback.min_keep_fraction, None if block > 1 else callback.round_to
+        )
         cap = start[n] if n in callback.coupled else max(count - floor, start[n])
         ladders[n] = rungs(count, start[n], cap, callback.round_to, block)
     path = removal_path(scores, ladders, scope or callback.scope)
@@ -359,5 +407,6 @@ def plan_for(callback, compression: float | None = None, scores: dict[str, torch
         return compacted_cost(callback.net, masks, callback.masks.dependents, example, "macs", names)
 
     dense = count_macs(callback.net, example)
-    return plan_counts(cost_of, dense, callback.compression if compression is None else compression, path, start,
-                       ladders, refine)
+    return plan_counts(
+        cost_of, dense, callback.compression if compression is None else compression, path, start, ladders, refine
+    )

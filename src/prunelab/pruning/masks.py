@@ -22,9 +22,11 @@ def refuse_attention(model: nn.Module, granularity: str) -> None:
     the packed q/k/v projection)."""
     attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
     if attention:
-        raise ValueError(f"pruning.granularity={granularity} removes channels, which prunelab does not do through "
-                         f"nn.MultiheadAttention ({attention[0]!r}{' and others' if len(attention) > 1 else ''}): "
-                         "use pruning.granularity=weight (or N:M) on this network")
+        raise ValueError(
+            f"pruning.granularity={granularity} removes channels, which prunelab does not do through "
+            f"nn.MultiheadAttention ({attention[0]!r}{' and others' if len(attention) > 1 else ''}): "
+            "use pruning.granularity=weight (or N:M) on this network"
+        )
 
 
 def prunable_layers(
@@ -69,8 +71,11 @@ def filter_dependents(model: nn.Module, modules: dict[str, nn.Module]) -> dict[s
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # noqa: BLE001 — untraceable forward (data-dependent control flow, …)
-        log.warning("filter pruning: cannot trace %s (%s); BatchNorm channels of pruned filters are left as they are",
-                    type(model).__name__, exc)
+        log.warning(
+            "filter pruning: cannot trace %s (%s); BatchNorm channels of pruned filters are left as they are",
+            type(model).__name__,
+            exc,
+        )
         return deps
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in modules:
@@ -162,7 +167,9 @@ class MaskSet:
                 grad.mul_(keep)
 
     @torch.no_grad()
-    def mask_optimizer_state(self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None) -> None:
+    def mask_optimizer_state(
+        self, optimizers: Iterable[torch.optim.Optimizer], names: Iterable[str] | None = None
+    ) -> None:
         """Zero optimizer buffers (momentum, exp_avg, exp_avg_sq, …) shaped like a masked parameter."""
         names = None if names is None else list(names)
         for optimizer in optimizers:

@@ -39,8 +39,20 @@ from prunelab.pruning.checks import check_choice, check_int, check_known, check_
 from prunelab.pruning.masks import prunable_layers
 
 CRITERIA = ("diagonal", "kron")
-OPTIONS = ("criterion", "fisher_type", "fisher_batches", "seed", "rounds", "prune_fraction", "layers", "exclude",
-           "min_keep", "min_keep_fraction", "round_to", "target")
+OPTIONS = (
+    "criterion",
+    "fisher_type",
+    "fisher_batches",
+    "seed",
+    "rounds",
+    "prune_fraction",
+    "layers",
+    "exclude",
+    "min_keep",
+    "min_keep_fraction",
+    "round_to",
+    "target",
+)
 
 
 class OBDPruning(PruningCallback):
@@ -63,9 +75,18 @@ class OBDPruning(PruningCallback):
     method = "obd"
     ranks_at_start = False  # saliencies come from the Fisher pass at the prune step
 
-    def __init__(self, compression: float, criterion: str = "diagonal", fisher_type: str = "true",
-                 fisher_batches: int | None = None, seed: int | None = None, scope: str = "lamp", rounds: int = 5,
-                 prune_fraction: float = 0.5, **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        criterion: str = "diagonal",
+        fisher_type: str = "true",
+        fisher_batches: int | None = None,
+        seed: int | None = None,
+        scope: str = "lamp",
+        rounds: int = 5,
+        prune_fraction: float = 0.5,
+        **kwargs,
+    ) -> None:
         check_known("OBD", kwargs, OPTIONS)
         super().__init__(compression, granularity="filter", scope=scope, **kwargs)
         self.criterion = check_choice("criterion", criterion, CRITERIA)

@@ -33,8 +33,10 @@ class QuantSpec:
 
     def __init__(self, bits=None, levels_per_side=None, share: float = SHARE) -> None:
         if (bits is None) == (levels_per_side is None):
-            raise ValueError(f"pruning.quantize needs exactly one of bits / levels_per_side, got bits={bits!r}, "
-                             f"levels_per_side={levels_per_side!r}")
+            raise ValueError(
+                f"pruning.quantize needs exactly one of bits / levels_per_side, got bits={bits!r}, "
+                f"levels_per_side={levels_per_side!r}"
+            )
         key, value, low = ("bits", bits, 2) if bits is not None else ("levels_per_side", levels_per_side, 1)
         table = dict(value) if isinstance(value, Mapping) else {None: value}
         for name, v in table.items():
@@ -65,8 +67,10 @@ class QuantSpec:
             return
         missing, unknown = sorted(set(names) - set(self.table)), sorted(set(self.table) - set(names))
         if missing or unknown:
-            raise ValueError(f"pruning.quantize.{self.key} must list every pruned layer {names}: "
-                             f"missing {missing}, unknown {unknown}")
+            raise ValueError(
+                f"pruning.quantize.{self.key} must list every pruned layer {names}: "
+                f"missing {missing}, unknown {unknown}"
+            )
 
     def levels(self, name: str) -> int:
         return self.table.get(name, self.table.get(None))
@@ -88,12 +92,13 @@ def search_step(w: torch.Tensor, levels: int, low: float = 0.2, high: float = 1.
     if vals.numel() == 0:
         return 1.0
     a = float(vals.max()) / levels
-    cands = torch.tensor([a * (low + (high - low) * i / (points - 1)) for i in range(points)],
-                         dtype=torch.float32).double()
+    cands = torch.tensor(
+        [a * (low + (high - low) * i / (points - 1)) for i in range(points)], dtype=torch.float32
+    ).double()
     errs = torch.empty(points, dtype=torch.float64)
     for i in range(0, points, 64):  # chunks keep the (candidates × weights) table small
-        q = cands[i:i + 64, None]
-        errs[i:i + 64] = ((vals[None] - torch.clamp(torch.round(vals[None] / q), 1, levels) * q) ** 2).sum(1)
+        q = cands[i : i + 64, None]
+        errs[i : i + 64] = ((vals[None] - torch.clamp(torch.round(vals[None] / q), 1, levels) * q) ** 2).sum(1)
     return float(cands[int(torch.argmin(errs))])
 
 

@@ -70,8 +70,9 @@ def progressive_ratios(compression: float, max_step: float) -> list[float]:
     return [compression ** ((i + 1) / steps) for i in range(steps - 1)] + [float(compression)]
 
 
-def stage_bounds(units: int, shares: list[float], fraction: float, unit_steps: int = 1,
-                 nearest: bool = False) -> list[tuple[int, int]]:
+def stage_bounds(
+    units: int, shares: list[float], fraction: float, unit_steps: int = 1, nearest: bool = False
+) -> list[tuple[int, int]]:
     """``(start, hard)`` step of every stage of a staged fit of ``units`` units (steps, or epochs of ``unit_steps``
     steps): the units split in proportion to ``shares`` (whole units), each stage's first ``fraction`` before its
     hard event (rounded down, or to the nearest unit with ``nearest``). The last stage ends with the fit."""

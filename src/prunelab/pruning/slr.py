@@ -64,16 +64,39 @@ class SLRPruning(ADMMPruning):
 
     method = "slr"
 
-    def __init__(self, compression: float, rho: float = 1e-2, initial_s: float = 1e-2, M: float = 300.0,
-                 r: float = 0.1, update_every: int = 20, update_unit: str = "steps", admm_fraction: float = 0.5,
-                 retrain: str = "restart", eval_after_hard_prune: bool = True, rho_growth: float | str = AUTO_GROWTH,
-                 rho_max: float | None = 0.3, progressive="auto", progressive_max_step: float = 64.0,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        rho: float = 1e-2,
+        initial_s: float = 1e-2,
+        M: float = 300.0,
+        r: float = 0.1,
+        update_every: int = 20,
+        update_unit: str = "steps",
+        admm_fraction: float = 0.5,
+        retrain: str = "restart",
+        eval_after_hard_prune: bool = True,
+        rho_growth: float | str = AUTO_GROWTH,
+        rho_max: float | None = 0.3,
+        progressive="auto",
+        progressive_max_step: float = 64.0,
+        **kwargs,
+    ) -> None:
         check_known("SLR", kwargs, BASE_OPTIONS)
-        super().__init__(compression, rho=rho, rho_growth=rho_growth, rho_max=rho_max, update_every=update_every,
-                         update_unit=update_unit, admm_fraction=admm_fraction, retrain=retrain,
-                         progressive=progressive, progressive_max_step=progressive_max_step,
-                         eval_after_hard_prune=eval_after_hard_prune, **kwargs)
+        super().__init__(
+            compression,
+            rho=rho,
+            rho_growth=rho_growth,
+            rho_max=rho_max,
+            update_every=update_every,
+            update_unit=update_unit,
+            admm_fraction=admm_fraction,
+            retrain=retrain,
+            progressive=progressive,
+            progressive_max_step=progressive_max_step,
+            eval_after_hard_prune=eval_after_hard_prune,
+            **kwargs,
+        )
         self.s0 = self.s = check_number("initial_s", initial_s, 0.0)
         self.M = check_number("M", M, 1.0)
         self.r = check_number("r", r, 0.0, 1.0, high_open=True)
@@ -128,8 +151,9 @@ class SLRPruning(ADMMPruning):
         alpha = step_decay(self.k, self.M, self.r)
         first = self.k == 1
         known = loss is not None and self.loss_prev is not None
-        cond1 = first or (known and loss + self.penalty(w, self.Z_prev)
-                          < self.loss_prev + self.penalty(self.W_prev, self.Z_prev))
+        cond1 = first or (
+            known and loss + self.penalty(w, self.Z_prev) < self.loss_prev + self.penalty(self.W_prev, self.Z_prev)
+        )
         if cond1:
             alpha = self._accept(w, self.Z_prev)
             self.loss_prev = loss
@@ -143,9 +167,17 @@ class SLRPruning(ADMMPruning):
         self.accepted[1] += cond2
         self.loss_sum, self.loss_count = 0.0, 0
         self.grow_rho()
-        return {"slr/rho": self.rho, "slr/condition1": float(cond1), "slr/condition2": float(cond2), "slr/s": self.s,
-                "slr/alpha": alpha, "slr/k": float(self.k), "slr/primal_residual": self.distance(w, z),
-                "slr/z_change": z_change, **({"slr/train_loss": loss} if loss is not None else {})}
+        return {
+            "slr/rho": self.rho,
+            "slr/condition1": float(cond1),
+            "slr/condition2": float(cond2),
+            "slr/s": self.s,
+            "slr/alpha": alpha,
+            "slr/k": float(self.k),
+            "slr/primal_residual": self.distance(w, z),
+            "slr/z_change": z_change,
+            **({"slr/train_loss": loss} if loss is not None else {}),
+        }
 
     def observe_loss(self, trainer: pl.Trainer, loss: torch.Tensor) -> None:
         if not self.done:  # the global batch's loss: every rank decides the surrogate condition on the same number
@@ -162,8 +194,15 @@ class SLRPruning(ADMMPruning):
         return {**super().layer_tensors(), "W_prev": self.W_prev, "Z_prev": self.Z_prev}
 
     def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "s": self.s, "k": self.k, "loss_sum": float(self.loss_sum),
-                "loss_count": self.loss_count, "loss_prev": self.loss_prev, "accepted": list(self.accepted)}
+        return {
+            **super().extra_state(),
+            "s": self.s,
+            "k": self.k,
+            "loss_sum": float(self.loss_sum),
+            "loss_count": self.loss_count,
+            "loss_prev": self.loss_prev,
+            "accepted": list(self.accepted),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)

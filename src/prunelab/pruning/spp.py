@@ -62,9 +62,18 @@ class SPPPruning(PruningCallback):
     method = "spp"
     auto_scope = "layer"  # scope=auto under target=params
 
-    def __init__(self, compression: float, A: float | None = None, u: float = 0.25, prune_interval: int = 1,
-                 prune_fraction: float = 0.5, mask_mode: str = "group", score_decay: float = 0.0,
-                 increment: str = "exponential", **kwargs) -> None:
+    def __init__(
+        self,
+        compression: float,
+        A: float | None = None,
+        u: float = 0.25,
+        prune_interval: int = 1,
+        prune_fraction: float = 0.5,
+        mask_mode: str = "group",
+        score_decay: float = 0.0,
+        increment: str = "exponential",
+        **kwargs,
+    ) -> None:
         check_known("SPP", kwargs, OPTIONS)
         kwargs["granularity"] = check_choice("granularity", kwargs.get("granularity", "column"), GRANULARITIES)
         super().__init__(compression, **kwargs)
@@ -101,8 +110,10 @@ class SPPPruning(PruningCallback):
 
     def planned_updates(self, amplitude: float) -> int:
         """Updates of p the slowest layer needs at ``amplitude`` if the ranking never changed (a lower bound)."""
-        return max((_static_updates(self.p[n].numel(), k, amplitude, self.u, self.shape)
-                    for n, k in self.counts.items()), default=0)
+        return max(
+            (_static_updates(self.p[n].numel(), k, amplitude, self.u, self.shape) for n, k in self.counts.items()),
+            default=0,
+        )
 
     def prune_end_fraction(self) -> float | None:
         """Share of the fit's steps after which every layer had reached its count (``None``: not reached)."""
@@ -126,11 +137,21 @@ class SPPPruning(PruningCallback):
         self.amplitude = self.A if self.A is not None else self._derived_amplitude(updates)
         planned = self.planned_updates(self.amplitude)
         if planned > updates:
-            log.warning("spp: at A=%.3g pruning needs at least %d updates of p, more than the %d in the pruning window "
-                        "(prune_fraction=%g, prune_interval=%d): it may not finish before training ends",
-                        self.amplitude, planned, updates, self.prune_fraction, self.prune_interval)
-        log.info("spp: groups to prune per layer %s; A=%.3g, p updated every %d steps", self.counts, self.amplitude,
-                 self.prune_interval)
+            log.warning(
+                "spp: at A=%.3g pruning needs at least %d updates of p, more than the %d in the pruning window "
+                "(prune_fraction=%g, prune_interval=%d): it may not finish before training ends",
+                self.amplitude,
+                planned,
+                updates,
+                self.prune_fraction,
+                self.prune_interval,
+            )
+        log.info(
+            "spp: groups to prune per layer %s; A=%.3g, p updated every %d steps",
+            self.counts,
+            self.amplitude,
+            self.prune_interval,
+        )
 
     def _derived_amplitude(self, updates: int) -> float:
         """The A at which pruning would take ``updates / RANK_CHURN`` updates with a fixed ranking (about
@@ -168,7 +189,7 @@ class SPPPruning(PruningCallback):
             if reached.any():
                 order = torch.argsort(torch.where(reached, rank, rank.numel()).flatten(), stable=True)
                 pruned = torch.zeros_like(live).flatten()
-                pruned[order[:min(int(reached.sum()), to_prune)]] = True
+                pruned[order[: min(int(reached.sum()), to_prune)]] = True
                 self.prune_groups(name, pruned.view_as(live), trainer)
 
     def transient_masks(self, trainer: pl.Trainer) -> dict[str, torch.Tensor] | None:
@@ -202,15 +223,23 @@ class SPPPruning(PruningCallback):
             self.p[name][pruned.view_as(live)] = 1.0
             forced[name] = to_prune
         if forced:
-            log.warning("spp: training ended before every layer reached its count; pruned the remaining groups by "
-                        "highest p (then lowest L1 norm): %s", forced)
+            log.warning(
+                "spp: training ended before every layer reached its count; pruned the remaining groups by "
+                "highest p (then lowest L1 norm): %s",
+                forced,
+            )
 
     def _log(self, pl_module: pl.LightningModule, step: int) -> None:
         for name in self.counts:
             live = self.live(name)
             mean_p = float(self.p[name][live].mean()) if live.any() else 1.0
-            pl_module.log(f"spp/groups_pruned/{name}", float(self.pruned_count(name)), on_step=False, on_epoch=True,
-                          reduce_fx="max")
+            pl_module.log(
+                f"spp/groups_pruned/{name}",
+                float(self.pruned_count(name)),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="max",
+            )
             pl_module.log(f"spp/mean_p/{name}", mean_p, on_step=False, on_epoch=True)
         pl_module.log("spp/A", self.amplitude, on_step=False, on_epoch=True)
         pl_module.log("spp/layers_done", float(len(self.finished_at)), on_step=False, on_epoch=True, reduce_fx="max")
@@ -222,8 +251,12 @@ class SPPPruning(PruningCallback):
         return {"p": self.p, "score": self.score}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "amplitude": self.amplitude, "finished_at": dict(self.finished_at),
-                "generator": None if self.gen is None else self.gen.get_state()}
+        return {
+            "counts": dict(self.counts),
+            "amplitude": self.amplitude,
+            "finished_at": dict(self.finished_at),
+            "generator": None if self.gen is None else self.gen.get_state(),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.counts, self.amplitude = dict(state["counts"]), state["amplitude"]
@@ -234,8 +267,12 @@ class SPPPruning(PruningCallback):
             self.gen.set_state(state["generator"])
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "A": "auto" if self.A is None else self.A, "mask_mode": self.mask_mode,
-                "score_decay": self.score_decay}
+        return {
+            **super().describe(),
+            "A": "auto" if self.A is None else self.A,
+            "mask_mode": self.mask_mode,
+            "score_decay": self.score_decay,
+        }
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,8 +284,9 @@ def _static_updates(groups_total: int, count: int, amplitude: float, u: float, s
     rank = torch.arange(groups_total, dtype=torch.float64)
     pruned, updates = 0, 0
     while pruned < count:
-        p[pruned:] = (p[pruned:] + increment(rank[: groups_total - pruned], count - pruned, amplitude, u, shape)
-                      ).clamp(0.0, 1.0)
+        p[pruned:] = (p[pruned:] + increment(rank[: groups_total - pruned], count - pruned, amplitude, u, shape)).clamp(
+            0.0, 1.0
+        )
         pruned += min(int((p[pruned:] >= 1.0).sum()), count - pruned)  # reached p = 1 ⇔ lowest ranks, in order
         updates += 1
     return updates

@@ -69,8 +69,10 @@ def starved(net: nn.Module, prunable: Iterable[str]) -> list[str]:
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             continue
         w = layer.weight.detach()
-        live = (("filters", int(w.flatten(1).ne(0).any(1).sum()), w.shape[0]),
-                ("inputs", int(w.transpose(0, 1).flatten(1).ne(0).any(1).sum()), w.shape[1]))
+        live = (
+            ("filters", int(w.flatten(1).ne(0).any(1).sum()), w.shape[0]),
+            ("inputs", int(w.transpose(0, 1).flatten(1).ne(0).any(1).sum()), w.shape[1]),
+        )
         out += [f"{name} keeps {n} of {total} {kind}" for kind, n, total in live if n == 1 < total]
     return out
 
@@ -97,20 +99,30 @@ def _empty(layer: nn.Module) -> bool:
     return any(int(torch.count_nonzero(w)) == 0 for w in weights)
 
 
-def check(net: nn.Module, prunable: Iterable[str], example_input: torch.Tensor, test_acc: float,
-          num_classes: int, dense_acc: float | None = None) -> Collapse:
+def check(
+    net: nn.Module,
+    prunable: Iterable[str],
+    example_input: torch.Tensor,
+    test_acc: float,
+    num_classes: int,
+    dense_acc: float | None = None,
+) -> Collapse:
     """Check a trained (pruned) network for collapse; ``test_acc`` and ``dense_acc`` (its dense model's test
     accuracy, when known) in percent. A collapse on accuracy names the layers left one filter or one input."""
     reasons = []
     prunable = list(prunable)
     limit = chance_limit(num_classes)
     if not test_acc >= limit:  # NaN counts as collapsed
-        reasons.append(f"test accuracy {test_acc:.2f}% is near chance ({100.0 / num_classes:.1f}% for "
-                       f"{num_classes} classes; collapse below {limit:.1f}%)")
+        reasons.append(
+            f"test accuracy {test_acc:.2f}% is near chance ({100.0 / num_classes:.1f}% for "
+            f"{num_classes} classes; collapse below {limit:.1f}%)"
+        )
     elif dense_acc is not None and test_acc < dense_limit(dense_acc, num_classes):
-        reasons.append(f"test accuracy {test_acc:.2f}% is far below the dense model's {dense_acc:.2f}% (drop "
-                       f"{dense_acc - test_acc:.2f} points; collapse below {dense_limit(dense_acc, num_classes):.2f}%, "
-                       f"{DENSE_SHARE:.0%} of the dense accuracy above chance)")
+        reasons.append(
+            f"test accuracy {test_acc:.2f}% is far below the dense model's {dense_acc:.2f}% (drop "
+            f"{dense_acc - test_acc:.2f} points; collapse below {dense_limit(dense_acc, num_classes):.2f}%, "
+            f"{DENSE_SHARE:.0%} of the dense accuracy above chance)"
+        )
     if reasons:
         thin = starved(net, prunable)
         if thin:

@@ -60,6 +60,7 @@ def rebuild_from_weights(run_id: str, shape: tuple[int, ...], num_classes: int) 
     if "weights/model_state.pt" not in files:
         raise ExportError(f"run {run_id} has no weights/model_state.pt artifact to rebuild the model from")
     with tempfile.TemporaryDirectory() as tmp:
+
         def fetch(name: str) -> Path:
             return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp))
 
@@ -78,15 +79,21 @@ def load_run_model(run_id: str) -> tuple[nn.Module, torch.Tensor]:
     try:
         net = mlflow.pytorch.load_model(f"runs:/{run_id}/{MODEL_NAME}", map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle: the weights artifacts are the way back
-        log.warning("run %s: the MLflow model does not load (%s: %s); rebuilding it from its weights", run_id,
-                    type(exc).__name__, exc)
+        log.warning(
+            "run %s: the MLflow model does not load (%s: %s); rebuilding it from its weights",
+            run_id,
+            type(exc).__name__,
+            exc,
+        )
         try:
             net = rebuild_from_weights(run_id, shape, num_classes)
         except ExportError:
             raise
         except Exception as again:
-            raise ExportError(f"run {run_id}: neither the MLflow model ({type(exc).__name__}: {exc}) nor the weights "
-                              f"({type(again).__name__}: {again}) load") from again
+            raise ExportError(
+                f"run {run_id}: neither the MLflow model ({type(exc).__name__}: {exc}) nor the weights "
+                f"({type(again).__name__}: {again}) load"
+            ) from again
     return net.cpu().eval(), torch.zeros(1, *shape)
 
 
@@ -105,14 +112,16 @@ def export_run(run_id: str, fmt: str, out: str | Path | None = None, atol: float
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunelab-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prunelab-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_id", help="the MLflow run whose model to export")
     parser.add_argument("--format", required=True, choices=FORMATS, help="onnx or pt2 (torch.export.save)")
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", default=None, help="file to write (default: <run id>.<format> here)")
-    parser.add_argument("--atol", type=float, default=1e-4,
-                        help="tolerance on the logit difference, relative to max(1, max|logit|)")
+    parser.add_argument(
+        "--atol", type=float, default=1e-4, help="tolerance on the logit difference, relative to max(1, max|logit|)"
+    )
     return parser
 
 

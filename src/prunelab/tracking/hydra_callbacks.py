@@ -51,12 +51,17 @@ class MlflowSetupCallback(Callback):
         failed = []
         try:
             if self.report:
-                result = report.build(self._uri, config.logger.experiment_name, sweep_id=self._sweep.sweep_id,
-                                      parent_run_id=self._sweep.parent_run_id)
+                result = report.build(
+                    self._uri,
+                    config.logger.experiment_name,
+                    sweep_id=self._sweep.sweep_id,
+                    parent_run_id=self._sweep.parent_run_id,
+                )
                 print(result.markdown)
                 failed = result.failed
         finally:
             sweep.finish(self._uri, self._sweep, "FAILED" if failed else "FINISHED")
         if failed:  # Hydra turns a callback's exception into a warning, so say it plainly instead
-            log.error("%d sweep job(s) FAILED (reasons in MLflow, tag failure_reason): %s", len(failed),
-                      ", ".join(failed))
+            log.error(
+                "%d sweep job(s) FAILED (reasons in MLflow, tag failure_reason): %s", len(failed), ", ".join(failed)
+            )

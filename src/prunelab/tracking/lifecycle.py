@@ -81,10 +81,12 @@ def reconcile(uri: str, experiment_ids: list[str] | None = None, dry_run: bool =
             if dry_run:
                 continue
             resume = tags.get(CHECKPOINT_TAG)
-            client.set_tag(orphan.run_id, "failure_reason",
-                           f"process {orphan.pid} on {tags[HOST_TAG]} ended without ending the run (killed or "
-                           "crashed); marked KILLED by reconcile"
-                           + (f"; resume with ckpt_path={resume}" if resume else ""))
+            client.set_tag(
+                orphan.run_id,
+                "failure_reason",
+                f"process {orphan.pid} on {tags[HOST_TAG]} ended without ending the run (killed or "
+                "crashed); marked KILLED by reconcile" + (f"; resume with ckpt_path={resume}" if resume else ""),
+            )
             client.set_terminated(orphan.run_id, RunStatus.to_string(RunStatus.KILLED))
             log.warning("run %s (%s): process %s is gone; marked KILLED", orphan.run_id, orphan.run_name, orphan.pid)
     return orphans

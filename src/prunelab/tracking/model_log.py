@@ -122,17 +122,22 @@ def log_model(net: torch.nn.Module, example_input: torch.Tensor, step: int = 0) 
     example = example_input.detach().cpu().float().expand(2, *example_input.shape[1:]).contiguous()
     portable = portable_module(net, example)
     if portable is None:
-        log.warning("no torch graph reproduces %s; logging the pickled module (loading needs prunelab)",
-                    type(net).__name__)
+        log.warning(
+            "no torch graph reproduces %s; logging the pickled module (loading needs prunelab)", type(net).__name__
+        )
     mode, advice = net.training, _NoPt2Advice()
     net.eval()
     logging.getLogger("mlflow.pytorch").addFilter(advice)
     try:
         info = mlflow.pytorch.log_model(
-            portable if portable is not None else net, name=MODEL_NAME, step=step, input_example=example.numpy(),
+            portable if portable is not None else net,
+            name=MODEL_NAME,
+            step=step,
+            input_example=example.numpy(),
             serialization_format="pickle",
             # given, not inferred: MLflow infers requirements by importing the model in a subprocess (~20 s per run)
-            pip_requirements=mlflow.pytorch.get_default_pip_requirements())
+            pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+        )
     finally:
         logging.getLogger("mlflow.pytorch").removeFilter(advice)
         net.train(mode)

@@ -8,10 +8,20 @@ from omegaconf import DictConfig, OmegaConf
 
 # Final metrics every run logs (docs/mlflow.md); dashboards and the regression gate read these names.
 FINAL_METRICS = (
-    "test_acc", "dense_test_acc", "acc_drop",
-    "sparsity", "compression", "compression_compacted",
-    "params", "params_nonzero", "macs", "dense_macs", "macs_reduction",
-    "bytes_dense", "bytes_stored", "storage_compression",
+    "test_acc",
+    "dense_test_acc",
+    "acc_drop",
+    "sparsity",
+    "compression",
+    "compression_compacted",
+    "params",
+    "params_nonzero",
+    "macs",
+    "dense_macs",
+    "macs_reduction",
+    "bytes_dense",
+    "bytes_stored",
+    "storage_compression",
 )
 
 
@@ -19,8 +29,16 @@ FINAL_METRICS = (
 # ``_target_``), and paths and the logger's own settings describe the machine, not the experiment. config.yaml, an
 # artifact of every run, keeps everything.
 _GROUP_TARGETS = ("data", "model", "pruning", "trainer")
-_MACHINE_KEYS = ("names.", "paths.", "data.data_dir", "trainer.default_root_dir", "logger.experiment_name",
-                 "logger.tracking_uri", "logger.artifact_location", "logger.run_name")
+_MACHINE_KEYS = (
+    "names.",
+    "paths.",
+    "data.data_dir",
+    "trainer.default_root_dir",
+    "logger.experiment_name",
+    "logger.tracking_uri",
+    "logger.artifact_location",
+    "logger.run_name",
+)
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -76,8 +94,15 @@ def _compacted(m: dict[str, float]) -> str:
     return f"   {after:.2f}× after compaction" if after and after > 1.02 * m["compression"] else ""
 
 
-def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri: str, *,
-            warning: str | None = None, link: str | None = None) -> str:
+def summary(
+    params: dict[str, str],
+    metrics: dict[str, float],
+    run_id: str,
+    uri: str,
+    *,
+    warning: str | None = None,
+    link: str | None = None,
+) -> str:
     """One screen: what ran, what it reached, where it is recorded; ``warning`` (a collapse) gets its own line."""
     m = metrics
     lines = [
@@ -99,8 +124,11 @@ def summary(params: dict[str, str], metrics: dict[str, float], run_id: str, uri:
         f"  ({m['storage_compression']:.2f}× smaller)",
     ]
     for device, label in (("cpu", "CPU "), ("gpu", "GPU "), ("onnx", "ONNX")):
-        parts = [f"b{b} {m[f'latency_{device}_b{b}_ms']:.3f} ms ({m[f'speedup_{device}_b{b}']:.2f}× vs dense)"
-                 for b in (1, 64) if f"latency_{device}_b{b}_ms" in m and f"speedup_{device}_b{b}" in m]
+        parts = [
+            f"b{b} {m[f'latency_{device}_b{b}_ms']:.3f} ms ({m[f'speedup_{device}_b{b}']:.2f}× vs dense)"
+            for b in (1, 64)
+            if f"latency_{device}_b{b}_ms" in m and f"speedup_{device}_b{b}" in m
+        ]
         if parts:
             lines.append(f" latency {label}  " + "   ".join(parts))
     if "onnx_max_abs_diff" in m:

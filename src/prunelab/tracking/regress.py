@@ -49,8 +49,12 @@ def run_grid(overrides: list[str], experiment: str, grid: str = "regress") -> st
     proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True)
     if proc.returncode != 0:
         raise SystemExit(f"the regression grid did not run:\n{proc.stderr[-4000:]}")
-    parents = mlflow.search_runs(experiment_names=[experiment], output_format="list", order_by=["start_time DESC"],
-                                 filter_string=f"tags.`{KIND_TAG}` = 'sweep' and attributes.start_time >= {started}")
+    parents = mlflow.search_runs(
+        experiment_names=[experiment],
+        output_format="list",
+        order_by=["start_time DESC"],
+        filter_string=f"tags.`{KIND_TAG}` = 'sweep' and attributes.start_time >= {started}",
+    )
     if not parents:
         raise SystemExit("the regression grid ran but recorded no sweep")
     return parents[0].data.tags["sweep_id"]
@@ -90,10 +94,17 @@ def compare(baseline: dict, now: dict[str, dict]) -> pd.DataFrame:
             verdict = "REGRESSED"
         else:
             verdict = "ok"
-        rows.append({"cell": name, "baseline": base["mean"] if base else np.nan,
-                     "baseline_std": base["std"] if base else np.nan,
-                     "now": cur["mean"] if cur and cur["mean"] is not None else np.nan,
-                     "now_std": cur["std"] if cur else np.nan, "band": band, "verdict": verdict})
+        rows.append(
+            {
+                "cell": name,
+                "baseline": base["mean"] if base else np.nan,
+                "baseline_std": base["std"] if base else np.nan,
+                "now": cur["mean"] if cur and cur["mean"] is not None else np.nan,
+                "now_std": cur["std"] if cur else np.nan,
+                "band": band,
+                "verdict": verdict,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -103,8 +114,9 @@ def format_table(table: pd.DataFrame) -> str:
 
     lines = ["| cell | baseline | now | band | verdict |", "| --- | ---: | ---: | ---: | --- |"]
     for r in table.itertuples():
-        lines.append(f"| {r.cell} | {f(r.baseline, r.baseline_std)} | {f(r.now, r.now_std)} | {f(r.band)} "
-                     f"| {r.verdict} |")
+        lines.append(
+            f"| {r.cell} | {f(r.baseline, r.baseline_std)} | {f(r.now, r.now_std)} | {f(r.band)} | {r.verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -119,32 +131,51 @@ def noise_report(now: dict[str, dict], floor: float, kept: bool = False) -> str:
     """Markdown written next to the baseline: the seed noise that sets the floor (``kept``: the floor of the last
     full update, kept when ``--grid`` updated some cells only)."""
     stds = [c["std"] for c in now.values() if c["n"] > 1]
-    lines = ["# Seed noise of the regression grid", "",
-             "Written by `prunelab-regress --update` from the runs that produced `baseline.json`.", "",
-             "| cell | per-seed test_acc (%) | mean | std |", "| --- | --- | ---: | ---: |"]
+    lines = [
+        "# Seed noise of the regression grid",
+        "",
+        "Written by `prunelab-regress --update` from the runs that produced `baseline.json`.",
+        "",
+        "| cell | per-seed test_acc (%) | mean | std |",
+        "| --- | --- | ---: | ---: |",
+    ]
     for name, c in sorted(now.items()):
         seeds = ", ".join(f"{v:.2f}" for v in c["seeds"].values())
         mean = f"{c['mean']:.2f}" if c["mean"] is not None else "—"
         lines.append(f"| {name} | {seeds} | {mean} | {c['std']:.2f} |")
     if stds:
-        lines += ["", f"Seed std across cells: median {np.median(stds):.2f}, max {np.max(stds):.2f} points.",
-                  f"Floor of the band: {floor:.2f} points (the band is max(2 × cell std, floor)). A cell whose seeds "
-                  "happen to agree closely would otherwise get a band narrower than the noise seen elsewhere in the "
-                  "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 "
-                  "(one cell whose seeds disagree wildly widens its own band, not the others')."]
+        lines += [
+            "",
+            f"Seed std across cells: median {np.median(stds):.2f}, max {np.max(stds):.2f} points.",
+            f"Floor of the band: {floor:.2f} points (the band is max(2 × cell std, floor)). A cell whose seeds "
+            "happen to agree closely would otherwise get a band narrower than the noise seen elsewhere in the "
+            "grid; the floor is twice the median seed std measured here, rounded up to 0.1, and at least 0.5 "
+            "(one cell whose seeds disagree wildly widens its own band, not the others').",
+        ]
     if kept:
-        lines += ["", "The floor is the one of the last full update (`prunelab-regress --update`): an update of some "
-                  "grids only (`--grid`) adds or replaces their cells and leaves every other cell's band as it was."]
+        lines += [
+            "",
+            "The floor is the one of the last full update (`prunelab-regress --update`): an update of some "
+            "grids only (`--grid`) adds or replaces their cells and leaves every other cell's band as it was.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="prunelab-regress", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--sweep-id", nargs="+", help="compare these finished sweeps (one per grid, in --grid order) "
-                        "instead of running the grids")
-    parser.add_argument("--grid", nargs="+", choices=GRIDS, default=list(GRIDS),
-                        help="the grids to run and compare (default: all)")
+    parser = argparse.ArgumentParser(
+        prog="prunelab-regress",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument(
+        "--sweep-id",
+        nargs="+",
+        help="compare these finished sweeps (one per grid, in --grid order) instead of running the grids",
+    )
+    parser.add_argument(
+        "--grid", nargs="+", choices=GRIDS, default=list(GRIDS), help="the grids to run and compare (default: all)"
+    )
     parser.add_argument("--update", action="store_true", help="rewrite the baseline from this grid and show the diff")
     parser.add_argument("--baseline", type=Path, default=BASELINE, help=f"baseline file (default: {BASELINE})")
     parser.add_argument("--experiment", default=EXPERIMENT, help=f"MLflow experiment (default: {EXPERIMENT})")
@@ -171,22 +202,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"sweeps {sweeps}\n\n{format_table(table)}\n")
     if args.update:
         merged = {**(old["cells"] if partial else {}), **now}
-        floor = float(old.get("floor", DEFAULT_FLOOR)) if partial and old["cells"] else \
-            noise_floor([c["std"] for c in now.values() if c["n"] > 1])
+        floor = (
+            float(old.get("floor", DEFAULT_FLOOR))
+            if partial and old["cells"]
+            else noise_floor([c["std"] for c in now.values() if c["n"] > 1])
+        )
         args.baseline.parent.mkdir(parents=True, exist_ok=True)
         ids = {**(old.get("sweep_ids") or {"regress": old.get("sweep_id")} if partial else {}), **sweeps}
-        args.baseline.write_text(json.dumps({"floor": floor, "sweep_ids": ids, "overrides": args.overrides,
-                                             "cells": merged}, indent=2, sort_keys=True) + "\n")
+        args.baseline.write_text(
+            json.dumps(
+                {"floor": floor, "sweep_ids": ids, "overrides": args.overrides, "cells": merged},
+                indent=2,
+                sort_keys=True,
+            )
+            + "\n"
+        )
         (args.baseline.parent / "NOISE.md").write_text(noise_report(merged, floor, kept=partial and bool(old["cells"])))
-        print(f"baseline {'updated' if partial else 'rewritten'}: {args.baseline} (floor {floor:.2f}); the table "
-              "above is the diff old → new" + (f" for the cells of {', '.join(args.grid)}" if partial else ""))
+        print(
+            f"baseline {'updated' if partial else 'rewritten'}: {args.baseline} (floor {floor:.2f}); the table "
+            "above is the diff old → new" + (f" for the cells of {', '.join(args.grid)}" if partial else "")
+        )
         return
     bad = table[table["verdict"].isin(["REGRESSED", "missing"])]
     if len(bad):
         print(f"FAIL: {len(bad)} cell(s) regressed or missing: {', '.join(bad['cell'])}")
         raise SystemExit(1)
-    print(f"PASS: {int((table['verdict'] == 'ok').sum())} cell(s) within their band, "
-          f"{int((table['verdict'] == 'new').sum())} new")
+    print(
+        f"PASS: {int((table['verdict'] == 'ok').sum())} cell(s) within their band, "
+        f"{int((table['verdict'] == 'new').sum())} new"
+    )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ def repair_store(uri: str) -> Repair:
     """Rebuild the SQLite store of ``uri`` if it is broken (see the module docstring); no-op on a sound store."""
     path = sqlite_path(uri)
     if path is None:
-        raise ValueError(f"--tracking-uri {uri}: only SQLite stores are repaired here; a PostgreSQL or MySQL "
-                         "database migrates in transactions: back it up and run `mlflow db upgrade <uri>`")
+        raise ValueError(
+            f"--tracking-uri {uri}: only SQLite stores are repaired here; a PostgreSQL or MySQL "
+            "database migrates in transactions: back it up and run `mlflow db upgrade <uri>`"
+        )
     with store_lock(uri):
         problems = schema_problems(path)
         if not problems:

@@ -24,8 +24,17 @@ from prunelab.tracking.collapse import TAG as COLLAPSED_TAG
 from prunelab.tracking.sweep import KIND_TAG
 
 CELL = ["dataset", "model", "method", "compression_target"]
-_METRICS = ("test_acc", "dense_test_acc", "acc_drop", "compression", "compression_compacted", "macs_reduction",
-            "latency_cpu_b1_ms", "latency_cpu_b1_iqr_ms", "speedup_cpu_b1")
+_METRICS = (
+    "test_acc",
+    "dense_test_acc",
+    "acc_drop",
+    "compression",
+    "compression_compacted",
+    "macs_reduction",
+    "latency_cpu_b1_ms",
+    "latency_cpu_b1_iqr_ms",
+    "speedup_cpu_b1",
+)
 
 
 @dataclass
@@ -68,9 +77,13 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     without a finished run are kept, with status ``FAILED`` or ``missing``."""
     finished = runs[runs["status"] == "FINISHED"]
     agg = finished.groupby(CELL).agg(
-        test_acc=("test_acc", "mean"), test_acc_std=("test_acc", "std"), seeds=("test_acc", "size"),
-        collapsed=("collapsed", "sum"), compression=("compression", "mean"),
-        macs_reduction=("macs_reduction", "mean"), latency_cpu_b1_ms=("latency_cpu_b1_ms", "median"),
+        test_acc=("test_acc", "mean"),
+        test_acc_std=("test_acc", "std"),
+        seeds=("test_acc", "size"),
+        collapsed=("collapsed", "sum"),
+        compression=("compression", "mean"),
+        macs_reduction=("macs_reduction", "mean"),
+        latency_cpu_b1_ms=("latency_cpu_b1_ms", "median"),
         latency_cpu_b1_iqr_ms=("latency_cpu_b1_iqr_ms", "median"),  # a run's spread over its timing blocks
     )
     failed = runs[runs["status"] != "FINISHED"].groupby(CELL).size().rename("failed")
@@ -84,8 +97,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     for count in ("seeds", "failed", "collapsed"):
         table[count] = table[count].fillna(0).astype(int)
     table["test_acc_std"] = table["test_acc_std"].where(table["seeds"] > 1)  # no spread from one seed
-    table["status"] = np.select([table["collapsed"] > 0, table["seeds"] > 0, table["failed"] > 0],
-                                ["collapsed", "ok", "FAILED"], "missing")
+    table["status"] = np.select(
+        [table["collapsed"] > 0, table["seeds"] > 0, table["failed"] > 0], ["collapsed", "ok", "FAILED"], "missing"
+    )
     return table.sort_values(CELL).reset_index(drop=True)
 
 
@@ -115,17 +129,42 @@ def best_per_ratio(table: pd.DataFrame) -> pd.DataFrame:
     for (dataset, model, ratio), cells in ok.groupby(["dataset", "model", "compression_target"]):
         ranked = cells.sort_values(["test_acc", "method"], ascending=[False, True])
         best = ranked.iloc[0]
-        row = {"dataset": dataset, "model": model, "compression_target": ratio, "best": best["method"],
-               "test_acc": best["test_acc"], "test_acc_std": best["test_acc_std"], "seeds": best["seeds"],
-               "runner_up": np.nan, "margin": np.nan, "clear": False}
+        row = {
+            "dataset": dataset,
+            "model": model,
+            "compression_target": ratio,
+            "best": best["method"],
+            "test_acc": best["test_acc"],
+            "test_acc_std": best["test_acc_std"],
+            "seeds": best["seeds"],
+            "runner_up": np.nan,
+            "margin": np.nan,
+            "clear": False,
+        }
         if len(ranked) > 1:
             second = ranked.iloc[1]
             noise = np.hypot(best["test_acc_std"], second["test_acc_std"])
-            row.update(runner_up=second["method"], margin=best["test_acc"] - second["test_acc"],
-                       clear=bool(np.isfinite(noise) and best["test_acc"] - second["test_acc"] > noise))
+            row.update(
+                runner_up=second["method"],
+                margin=best["test_acc"] - second["test_acc"],
+                clear=bool(np.isfinite(noise) and best["test_acc"] - second["test_acc"] > noise),
+            )
         rows.append(row)
-    return pd.DataFrame(rows, columns=["dataset", "model", "compression_target", "best", "test_acc", "test_acc_std",
-                                       "seeds", "runner_up", "margin", "clear"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "dataset",
+            "model",
+            "compression_target",
+            "best",
+            "test_acc",
+            "test_acc_std",
+            "seeds",
+            "runner_up",
+            "margin",
+            "clear",
+        ],
+    )
 
 
 def display_best(best: pd.DataFrame) -> pd.DataFrame:
@@ -134,18 +173,29 @@ def display_best(best: pd.DataFrame) -> pd.DataFrame:
     for r in best.itertuples():
         alone = pd.isna(r.runner_up)
         margin = "—" if alone else f"{r.margin:+.2f}" + ("" if r.clear else " (within noise)")
-        rows.append([f"{r.dataset} / {r.model}", f"{r.compression_target:g}×", r.best, _accuracy(r),
-                     "—" if alone else r.runner_up, margin])
-    return pd.DataFrame(rows, columns=["data / model", "ratio", "best method", "test acc (%)", "runner-up",
-                                       "margin (pts)"])
+        rows.append(
+            [
+                f"{r.dataset} / {r.model}",
+                f"{r.compression_target:g}×",
+                r.best,
+                _accuracy(r),
+                "—" if alone else r.runner_up,
+                margin,
+            ]
+        )
+    return pd.DataFrame(
+        rows, columns=["data / model", "ratio", "best method", "test acc (%)", "runner-up", "margin (pts)"]
+    )
 
 
 def best_line(best: pd.DataFrame) -> str:
     """:func:`best_per_ratio` in one line: ``digits/lenet300: 2× magnitude · 4× admm (within noise)``."""
     parts = []
     for (dataset, model), cells in best.groupby(["dataset", "model"], sort=True):
-        picks = [f"{r.compression_target:g}× {r.best}" + ("" if r.clear or pd.isna(r.runner_up) else " (within noise)")
-                 for r in cells.sort_values("compression_target").itertuples()]
+        picks = [
+            f"{r.compression_target:g}× {r.best}" + ("" if r.clear or pd.isna(r.runner_up) else " (within noise)")
+            for r in cells.sort_values("compression_target").itertuples()
+        ]
         parts.append(f"{dataset}/{model}: " + " · ".join(picks))
     return "; ".join(parts)
 
@@ -154,13 +204,23 @@ def parent_description(best: pd.DataFrame, experiment_id: str, parent_run_id: st
     """The sweep's parent-run description: the best method per ratio in one line of plain text (what the run list's
     Description column and the folded description show), a link to the report, then the table of the best methods
     with the runner-up and the margin."""
-    link = (f"[test accuracy vs compression, MACs and latency, per method]"
-            f"({ui.report_path(experiment_id, parent_run_id)}) (artifact `report/accuracy.html`)")
+    link = (
+        f"[test accuracy vs compression, MACs and latency, per method]"
+        f"({ui.report_path(experiment_id, parent_run_id)}) (artifact `report/accuracy.html`)"
+    )
     if best.empty:
         return f"No finished run without a collapse yet. Report: {link}"
-    return "\n".join([f"Best method per ratio — {best_line(best)}", "", f"**Report:** {link}", "",
-                      "Mean test accuracy over seeds; cells with a collapsed run left out:", "",
-                      _markdown(display_best(best))])
+    return "\n".join(
+        [
+            f"Best method per ratio — {best_line(best)}",
+            "",
+            f"**Report:** {link}",
+            "",
+            "Mean test accuracy over seeds; cells with a collapsed run left out:",
+            "",
+            _markdown(display_best(best)),
+        ]
+    )
 
 
 def _markdown(shown: pd.DataFrame) -> str:
@@ -184,26 +244,58 @@ def display_table(table: pd.DataFrame) -> pd.DataFrame:
     for r in table.itertuples():
         notes = [f"{r.collapsed} of {r.seeds} collapsed"] if r.collapsed else []
         notes += [f"{r.failed} failed"] if r.failed else []
-        rows.append([r.dataset, r.model, r.method, f"{r.compression_target:g}", _accuracy(r),
-                     num(r.compression, ".2f"), num(r.macs_reduction, ".2f"), num(r.latency_cpu_b1_ms, ".3f"),
-                     str(r.seeds), r.status + (f" ({', '.join(notes)})" if notes else "")])
-    return pd.DataFrame(rows, columns=["dataset", "model", "method", "compression", "test acc (%)", "achieved",
-                                       "MACs red.", "CPU b1 (ms)", "seeds", "status"])
+        rows.append(
+            [
+                r.dataset,
+                r.model,
+                r.method,
+                f"{r.compression_target:g}",
+                _accuracy(r),
+                num(r.compression, ".2f"),
+                num(r.macs_reduction, ".2f"),
+                num(r.latency_cpu_b1_ms, ".3f"),
+                str(r.seeds),
+                r.status + (f" ({', '.join(notes)})" if notes else ""),
+            ]
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "dataset",
+            "model",
+            "method",
+            "compression",
+            "test acc (%)",
+            "achieved",
+            "MACs red.",
+            "CPU b1 (ms)",
+            "seeds",
+            "status",
+        ],
+    )
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     return _markdown(display_table(table))
 
 
-def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id: str | None = None,
-          out_dir: str | Path | None = None) -> Report:
+def build(
+    uri: str,
+    experiment: str,
+    sweep_id: str | None = None,
+    parent_run_id: str | None = None,
+    out_dir: str | Path | None = None,
+) -> Report:
     """Read the runs, write the report files (to ``out_dir`` or a temporary folder) and log them to
     ``parent_run_id`` when given."""
     runs = load_runs(uri, experiment, sweep_id)
     table = summarize(runs)
     markdown = to_markdown(table)
-    failed = [f"{r.method}@{r.compression_target:g}×/{r.dataset}/seed {r.seed}" for r in runs.itertuples()
-              if r.status != "FINISHED"]
+    failed = [
+        f"{r.method}@{r.compression_target:g}×/{r.dataset}/seed {r.seed}"
+        for r in runs.itertuples()
+        if r.status != "FINISHED"
+    ]
     title = f"prunelab sweep {sweep_id}" if sweep_id else f"prunelab experiment {experiment}"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(out_dir or tmp)
@@ -212,8 +304,7 @@ def build(uri: str, experiment: str, sweep_id: str | None = None, parent_run_id:
         png = report_figure.to_matplotlib(panels, title)
         png.savefig(folder / "accuracy.png", dpi=report_figure.PNG_DPI)
         best = best_per_ratio(table)
-        report_figure.write_html(panels, title, display_table(table), folder / "accuracy.html",
-                                 display_best(best))
+        report_figure.write_html(panels, title, display_table(table), folder / "accuracy.html", display_best(best))
         (folder / "table.md").write_text(markdown + "\n")
         table.to_json(folder / "table.json", orient="split", index=False)
         if parent_run_id:
@@ -239,8 +330,12 @@ def _describe(client: mlflow.MlflowClient, parent_run_id: str, sweep_id: str | N
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     client.set_tag(parent_run_id, ui.DESCRIPTION_TAG, parent_description(best, experiment_id, parent_run_id))
     if ui.is_own_description(client.get_experiment(experiment_id).tags.get(ui.DESCRIPTION_TAG)):
-        description = ui.experiment_description(experiment_id, sweep_id or parent_run_id, parent_run_id,
-                                                f"best per ratio: {best_line(best)}" if not best.empty else "")
+        description = ui.experiment_description(
+            experiment_id,
+            sweep_id or parent_run_id,
+            parent_run_id,
+            f"best per ratio: {best_line(best)}" if not best.empty else "",
+        )
         client.set_experiment_tag(experiment_id, ui.DESCRIPTION_TAG, description)
 
 
@@ -248,8 +343,13 @@ def find_sweep(uri: str, experiment: str, sweep_id: str | None) -> tuple[str, st
     """(sweep id, parent run id) of ``sweep_id``, or of the latest sweep of the experiment when ``None``."""
     mlflow.set_tracking_uri(uri)
     condition = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.sweep_id = '{sweep_id}'" if sweep_id else "")
-    parents = mlflow.search_runs(experiment_names=[experiment], output_format="list", filter_string=condition,
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    parents = mlflow.search_runs(
+        experiment_names=[experiment],
+        output_format="list",
+        filter_string=condition,
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not parents:
         which = f"sweep_id={sweep_id!r}" if sweep_id else "sweep"
         raise SystemExit(f"no {which} in experiment {experiment!r} at {uri}")
@@ -260,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="prunelab-report", description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-id", help="the sweep to report on (default: the latest sweep of the experiment)")
     parser.add_argument("--experiment", default="prunelab", help="MLflow experiment name (default: prunelab)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///outputs/mlflow.db"
+    )
     parser.add_argument("--out", default=None, help="folder for the files (default: outputs/reports/<sweep id>)")
     parser.add_argument("--no-log", action="store_true", help="do not log the files to the sweep's parent run")
     args = parser.parse_args(argv)

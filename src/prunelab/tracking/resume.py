@@ -35,8 +35,11 @@ PENDING_KEY = "prunelab.pending_metrics"  # checkpoint entry: an epoch's metrics
 def identity(cfg: DictConfig, describe: dict[str, Any]) -> dict[str, str]:
     """The params a resumed fit must share with the run that wrote the checkpoint."""
     params = run_params(cfg, describe)
-    return {k: v for k, v in params.items()
-            if (k in _IDENTITY_KEYS or k.startswith(_IDENTITY_PREFIXES)) and k not in _FREE_DATA_KEYS}
+    return {
+        k: v
+        for k, v in params.items()
+        if (k in _IDENTITY_KEYS or k.startswith(_IDENTITY_PREFIXES)) and k not in _FREE_DATA_KEYS
+    }
 
 
 class RunIdentity(pl.Callback):
@@ -70,19 +73,23 @@ class RunIdentity(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._at_epoch_end = True  # ModelCheckpoint (a monitoring callback) saves after every other hook of here
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self._at_epoch_end:
             # what update_train_epoch_metrics() will log once the checkpoint is written, at the same step
             # (Lightning internals: pytorch-lightning is pinned <2.7, and the kill -9 test of
             # tests/test_lifecycle.py fails if they move)
             pending = {k: float(v) for k, v in trainer._logger_connector.metrics["log"].items()}
             pending.setdefault("epoch", float(trainer.current_epoch))
-            checkpoint[PENDING_KEY] = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1,
-                                       "metrics": pending}
+            checkpoint[PENDING_KEY] = {
+                "step": trainer.fit_loop.epoch_loop._batches_that_stepped - 1,
+                "metrics": pending,
+            }
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         self._pending = checkpoint.get(PENDING_KEY)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,8 +101,11 @@ class RunIdentity(pl.Callback):
         client.set_tag(self.run_id, CHECKPOINT_TAG, str(self.last))
         if self._pending:
             step = self._pending["step"]
-            missing = {k: v for k, v in self._pending["metrics"].items()
-                       if step not in {m.step for m in client.get_metric_history(self.run_id, k)}}
+            missing = {
+                k: v
+                for k, v in self._pending["metrics"].items()
+                if step not in {m.step for m in client.get_metric_history(self.run_id, k)}
+            }
             if missing:
                 log.info("logging %d metrics of step %d that the stopped process did not send", len(missing), step)
                 for logger in trainer.loggers:
@@ -116,8 +126,10 @@ class Resume:
 def _load(path: str) -> dict[str, Any]:
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"ckpt_path={path!r} does not exist (a run's checkpoints are in <run dir>/"
-                                "checkpoints/last.ckpt; the tag prunelab.checkpoint of a KILLED run names it)")
+        raise FileNotFoundError(
+            f"ckpt_path={path!r} does not exist (a run's checkpoints are in <run dir>/"
+            "checkpoints/last.ckpt; the tag prunelab.checkpoint of a KILLED run names it)"
+        )
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -137,8 +149,10 @@ def _check_weights(path: str, ckpt: dict[str, Any], net: torch.nn.Module, model:
     wanted = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if saved != wanted:
         diff = sorted(set(saved.items()) ^ set(wanted.items()))[:3]
-        raise ValueError(f"ckpt_path={path!r} holds the weights of another network than model={model} on this data "
-                         f"(first differences, name and shape: {diff})")
+        raise ValueError(
+            f"ckpt_path={path!r} holds the weights of another network than model={model} on this data "
+            f"(first differences, name and shape: {diff})"
+        )
 
 
 def check_checkpoint(cfg: DictConfig, pruning: pl.Callback | None, net: torch.nn.Module) -> Resume | None:
@@ -153,8 +167,10 @@ def check_checkpoint(cfg: DictConfig, pruning: pl.Callback | None, net: torch.nn
     callbacks = ckpt["callbacks"]
     if pruning.state_key not in callbacks:
         held = [k for k in callbacks if k != "prunelab.run" and "method" in str(k)]
-        raise ValueError(f"ckpt_path={path!r} holds no state for pruning={cfg.names.pruning} ({pruning.state_key}); "
-                         f"it was written by {held or 'no pruning method'}")
+        raise ValueError(
+            f"ckpt_path={path!r} holds no state for pruning={cfg.names.pruning} ({pruning.state_key}); "
+            f"it was written by {held or 'no pruning method'}"
+        )
     _check_weights(str(path), ckpt, net, cfg.names.model)
     saved = callbacks.get("prunelab.run")
     if saved is None:
@@ -163,8 +179,10 @@ def check_checkpoint(cfg: DictConfig, pruning: pl.Callback | None, net: torch.nn
     differ = sorted(k for k in set(now) | set(saved["identity"]) if now.get(k) != saved["identity"].get(k))
     if differ:
         shown = "; ".join(f"{k}: checkpoint {saved['identity'].get(k)!r}, now {now.get(k)!r}" for k in differ[:5])
-        raise ValueError(f"ckpt_path={path!r} was written by a run with another configuration ({shown}); "
-                         "resume with the same overrides as the run it continues")
+        raise ValueError(
+            f"ckpt_path={path!r} was written by a run with another configuration ({shown}); "
+            "resume with the same overrides as the run it continues"
+        )
     return Resume(str(path), saved["run_id"])
 
 
@@ -184,13 +202,16 @@ def start_run(resume: Resume | None, **kwargs: Any) -> Iterator[mlflow.ActiveRun
             status = mlflow.MlflowClient().get_run(run_id).info.status
         except MlflowException:
             status = None
-            log.warning("ckpt_path=%s: its MLflow run %s is not in this store; recording a new run",
-                        resume.ckpt_path, run_id)
+            log.warning(
+                "ckpt_path=%s: its MLflow run %s is not in this store; recording a new run", resume.ckpt_path, run_id
+            )
             kwargs["tags"] = {**kwargs.get("tags", {}), "prunelab.resumed_from_run": run_id}
             run_id = None
         if status == "FINISHED":  # reopening it would log its final metrics a second time
-            raise FinishedRunError(f"ckpt_path={resume.ckpt_path!r} belongs to MLflow run {run_id}, which FINISHED: "
-                                   "there is nothing to resume. Leave ckpt_path out to record a new run")
+            raise FinishedRunError(
+                f"ckpt_path={resume.ckpt_path!r} belongs to MLflow run {run_id}, which FINISHED: "
+                "there is nothing to resume. Leave ckpt_path out to record a new run"
+            )
     if run_id is None:
         kwargs["tags"] = {**kwargs.get("tags", {}), **process_tags()}
         with mlflow.start_run(**kwargs) as run:

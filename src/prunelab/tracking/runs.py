@@ -24,8 +24,9 @@ from prunelab.tracking.store import StoreBrokenError, check_server, check_store,
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunelab-runs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="prunelab-runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds a server may take to answer")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         if not result.problems:
             print(f"{uri}: sound, nothing to repair")
         else:
-            print(f"{uri}: repaired ({'; '.join(result.problems)})\n  copy of the broken file: {result.backup}\n"
-                  f"  rows kept: {sum(result.rows.values())} ({result.rows.get('runs', 0)} runs, "
-                  f"{result.rows.get('experiments', 0)} experiments)")
+            print(
+                f"{uri}: repaired ({'; '.join(result.problems)})\n  copy of the broken file: {result.backup}\n"
+                f"  rows kept: {sum(result.rows.values())} ({result.rows.get('runs', 0)} runs, "
+                f"{result.rows.get('experiments', 0)} experiments)"
+            )
         return 0
     try:
         check_store(uri)

@@ -49,8 +49,12 @@ def record_failed_job(cfg: DictConfig, job_sweep: Sweep, exc: BaseException) -> 
     mark its cell; a single run with bad input creates no run at all."""
     _, exp_id = experiment(cfg)
     params = run_params(cfg, {"method": cfg.names.pruning, "granularity": cfg.pruning.get("granularity", "none")})
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"failed-{cfg.names.pruning}",
-                          parent_run_id=job_sweep.parent_run_id, tags={"sweep_id": job_sweep.sweep_id}):
+    with mlflow.start_run(
+        experiment_id=exp_id,
+        run_name=f"failed-{cfg.names.pruning}",
+        parent_run_id=job_sweep.parent_run_id,
+        tags={"sweep_id": job_sweep.sweep_id},
+    ):
         mlflow.log_params(params)
         end_failed(exc)
 
@@ -64,8 +68,14 @@ class RunSession:
     :meth:`finish`) are made inside the step rank 0 alone runs.
     """
 
-    def __init__(self, cfg: DictConfig, describe: dict[str, Any], ranks: Ranks, job_sweep: Sweep | None,
-                 resumed: resume.Resume | None) -> None:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        describe: dict[str, Any],
+        ranks: Ranks,
+        job_sweep: Sweep | None,
+        resumed: resume.Resume | None,
+    ) -> None:
         self.cfg, self.ranks = cfg, ranks
         self.params = run_params(cfg, describe)
         self.job_sweep, self.resumed = job_sweep, resumed
@@ -75,8 +85,10 @@ class RunSession:
     @property
     def run_name(self) -> str:
         p = self.params
-        return self.cfg.logger.run_name or (f"{p['method']}-c{float(self.cfg.pruning.compression):g}-"
-                                            f"{self.cfg.names.data}-{self.cfg.names.model}-s{self.cfg.seed}")
+        return self.cfg.logger.run_name or (
+            f"{p['method']}-c{float(self.cfg.pruning.compression):g}-"
+            f"{self.cfg.names.data}-{self.cfg.names.model}-s{self.cfg.seed}"
+        )
 
     # ----------------------------------------------------------------- life
     def __enter__(self) -> RunSession:
@@ -89,8 +101,9 @@ class RunSession:
         self.uri, self.exp_id = experiment(self.cfg)
         tags = {"sweep_id": self.job_sweep.sweep_id} if self.job_sweep else {}
         parent = self.job_sweep.parent_run_id if self.job_sweep else None
-        self._run_context = resume.start_run(self.resumed, experiment_id=self.exp_id, run_name=self.run_name,
-                                             parent_run_id=parent, tags=tags)
+        self._run_context = resume.start_run(
+            self.resumed, experiment_id=self.exp_id, run_name=self.run_name, parent_run_id=parent, tags=tags
+        )
         run = self._run_context.__enter__()
         try:
             with deferred_signals():  # every store write of the run ends before a SIGTERM / Ctrl-C stops it
@@ -117,17 +130,27 @@ class RunSession:
         metrics Lightning would not write anyway, so that they open no store."""
         if not self.ranks.is_zero:
             return False
-        return RunLogger(experiment_name=self.cfg.logger.experiment_name, tracking_uri=self.uri, run_id=self.run_id,
-                         prefix=prefix)
+        return RunLogger(
+            experiment_name=self.cfg.logger.experiment_name, tracking_uri=self.uri, run_id=self.run_id, prefix=prefix
+        )
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.ranks.is_zero:
             with deferred_signals():
                 mlflow.set_tags(tags)
 
-    def record_measurement(self, net: torch.nn.Module, example: torch.Tensor, folder: Path, table: str,
-                           latency_params: dict[str, str], weights: list[str], layer_sparsity: dict[str, float],
-                           datamodule: Any, step: int) -> None:
+    def record_measurement(
+        self,
+        net: torch.nn.Module,
+        example: torch.Tensor,
+        folder: Path,
+        table: str,
+        latency_params: dict[str, str],
+        weights: list[str],
+        layer_sparsity: dict[str, float],
+        datamodule: Any,
+        step: int,
+    ) -> None:
         """The measurement's records: latency settings and samples, the per-layer table and values, the model with
         the files ``weights`` of ``folder`` (under ``weights/``) when ``logger.log_model``, and the datasets."""
         with deferred_signals():  # a SIGTERM / Ctrl-C waits for these store writes (lifecycle.deferred_signals)

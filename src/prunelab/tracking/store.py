@@ -50,9 +50,11 @@ def check_tracking_uri(configured: str | None) -> None:
         return
     scheme = str(uri).split("://", 1)[0].split("+", 1)[0].lower() if "://" in str(uri) else ""
     if scheme not in _URI_SCHEMES:
-        raise ValueError(f"{source}={uri!r} is not a tracking store MLflow can record runs in: use http(s)://host:port "
-                         f"(a tracking server), sqlite:///path/mlflow.db, postgresql://… or mysql://…, or unset it "
-                         f"for the local SQLite store")
+        raise ValueError(
+            f"{source}={uri!r} is not a tracking store MLflow can record runs in: use http(s)://host:port "
+            f"(a tracking server), sqlite:///path/mlflow.db, postgresql://… or mysql://…, or unset it "
+            f"for the local SQLite store"
+        )
 
 
 def tracking_uri(configured: str | None, output_dir: str | os.PathLike) -> str:
@@ -107,7 +109,8 @@ def check_server(uri: str, timeout: float) -> None:
                 raise TrackingUnavailableError(
                     f"{what} {_redact(uri)} did not answer within logger.connect_timeout={timeout:g} s "
                     f"({type(exc).__name__}: {exc}). Start it, or point MLFLOW_TRACKING_URI / logger.tracking_uri "
-                    f"at one that runs (unset both for the local SQLite store)") from None
+                    f"at one that runs (unset both for the local SQLite store)"
+                ) from None
             time.sleep(1.0)
 
 
@@ -176,8 +179,11 @@ def schema_problems(path: Path) -> list[str]:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
     try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        version = (con.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \
-            if "alembic_version" in tables else None
+        version = (
+            (con.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0]
+            if "alembic_version" in tables
+            else None
+        )
     except sqlite3.DatabaseError as exc:
         return [f"not a readable SQLite database ({exc})"]
     finally:
@@ -201,11 +207,11 @@ def check_store(uri: str) -> None:
     if problems:
         raise StoreBrokenError(
             f"MLflow store {path} is broken: {'; '.join(problems)}. Repair it with `prunelab-runs repair-store "
-            f"--tracking-uri {uri}` (it keeps a copy of the file first); stop other runs on it before.")
+            f"--tracking-uri {uri}` (it keeps a copy of the file first); stop other runs on it before."
+        )
 
 
-def ensure_experiment(uri: str, name: str, artifact_location: str | None = None,
-                      connect_timeout: float = 10.0) -> str:
+def ensure_experiment(uri: str, name: str, artifact_location: str | None = None, connect_timeout: float = 10.0) -> str:
     """Create the store and the experiment if missing and return the experiment's id.
 
     Safe when many processes start at once on a fresh store: everything runs under :func:`store_lock`, and a
@@ -249,8 +255,11 @@ class RunLogger(MLFlowLogger):
     def log_metrics(self, metrics, step=None) -> None:
         """Curves as recorded: accuracies in percent like ``test_acc``, 6 significant digits, and no ``test/`` curve,
         which would repeat the final ``test_acc`` / ``dense_test_acc`` under a second name and unit."""
-        kept = {k: float(v) * (100.0 if k.rsplit("/", 1)[-1].startswith("acc") else 1.0) for k, v in metrics.items()
-                if "test/" not in k}
+        kept = {
+            k: float(v) * (100.0 if k.rsplit("/", 1)[-1].startswith("acc") else 1.0)
+            for k, v in metrics.items()
+            if "test/" not in k
+        }
         self.last_step = max(self.last_step, step or 0)
         if kept:
             with deferred_signals():  # a SIGTERM waits for the write: the run can then be ended KILLED

@@ -38,7 +38,8 @@ def start(uri: str, experiment_id: str, overrides: list[str], sweep_dir: str) ->
     sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     client = MlflowClient(tracking_uri=uri)
     run = client.create_run(
-        experiment_id, run_name=f"sweep-{sweep_id}",
+        experiment_id,
+        run_name=f"sweep-{sweep_id}",
         tags={"sweep_id": sweep_id, KIND_TAG: "sweep", "sweep_dir": sweep_dir, **process_tags()},
     )
     client.log_param(run.info.run_id, "sweep_overrides", " ".join(overrides)[:6000])

@@ -68,25 +68,35 @@ def postgres(database: str = "mlflow") -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
     data, port = root / "data", free_port()
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                                 "-E", "UTF8"]), check=True, capture_output=True)
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='{root}' -c fsync=off " \
-              "-c max_connections=200"
-    subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options,
-                                 "-w", "start"]), check=True, capture_output=True)
+    subprocess.run(
+        _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
+    options = (
+        f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories='{root}' -c fsync=off "
+        "-c max_connections=200"
+    )
+    subprocess.run(
+        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", options, "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
     try:
         import psycopg
 
         def create() -> None:
-            with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres",
-                                 autocommit=True) as con:
+            with psycopg.connect(
+                host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True
+            ) as con:
                 con.execute(f'CREATE DATABASE "{database}"')
 
         _wait(create, "PostgreSQL")
         yield f"postgresql://postgres@127.0.0.1:{port}/{database}"
     finally:
-        subprocess.run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-                       capture_output=True)
+        subprocess.run(
+            _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -97,9 +107,24 @@ def mlflow_server(backend_uri: str, artifacts: str | Path, workers: int = 2) -> 
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     log = open(Path(tempfile.gettempdir()) / f"prunelab-mlflow-{port}.log", "w")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
-        [str(mlflow_cli), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(mlflow_cli),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: urllib.request.urlopen(url + "/health", timeout=5).close(), "mlflow server", proc)
@@ -125,8 +150,11 @@ def team_server(artifacts: str | Path, workers: int = 2) -> Iterator[tuple[str, 
 def main() -> None:
     artifacts = Path(tempfile.mkdtemp(prefix="prunelab-artifacts-"))
     with team_server(artifacts) as (url, db):
-        print(f"MLflow server {url} on {db}, artifacts in {artifacts}\n  export MLFLOW_TRACKING_URI={url}\n"
-              "Ctrl-C stops both (and deletes the database).", flush=True)
+        print(
+            f"MLflow server {url} on {db}, artifacts in {artifacts}\n  export MLFLOW_TRACKING_URI={url}\n"
+            "Ctrl-C stops both (and deletes the database).",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(3600)

@@ -21,8 +21,18 @@ import urllib.request
 from pathlib import Path
 
 # Fixed colour per method, in the report and in the UI (tag mlflow.runColor): Tableau 10 in the order methods appear.
-_PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-            "#7f7f7f")
+_PALETTE = (
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+)
 _KNOWN = ("magnitude", "admm", "slr", "increg", "spp", "autoprune", "eigendamage", "none")
 VIEW_ID = "prunelab-compare"
 VIEW_NAME = "prunelab: accuracy vs cost"
@@ -37,7 +47,7 @@ def method_color(method: str) -> str:
     base = method.split(" (")[0]
     if base in _KNOWN:
         return _PALETTE[_KNOWN.index(base)]
-    spare = _PALETTE[len(_KNOWN):]
+    spare = _PALETTE[len(_KNOWN) :]
     return spare[int(hashlib.sha256(base.encode()).hexdigest(), 16) % len(spare)]
 
 
@@ -46,9 +56,16 @@ def _column(kind: str, key: str) -> str:
 
 
 def _scatter(uuid: str, section: str, x: str) -> dict:
-    return {"uuid": uuid, "type": "SCATTER", "runsCountToCompare": 100, "metricSectionId": section,
-            "deleted": False, "isGenerated": False, "xaxis": {"key": x, "type": "METRIC"},
-            "yaxis": {"key": "test_acc", "type": "METRIC"}}
+    return {
+        "uuid": uuid,
+        "type": "SCATTER",
+        "runsCountToCompare": 100,
+        "metricSectionId": section,
+        "deleted": False,
+        "isGenerated": False,
+        "xaxis": {"key": x, "type": "METRIC"},
+        "yaxis": {"key": "test_acc", "type": "METRIC"},
+    }
 
 
 def saved_view() -> dict:
@@ -56,21 +73,40 @@ def saved_view() -> dict:
     section = f"{VIEW_ID}-charts"
     # first, beside the run name: the one-line result (run_description; a collapsed run says so at its start)
     columns = [_column("attributes", "Description"), _column("metrics", "test_acc"), _column("tags", "collapsed")]
-    columns += [_column("metrics", k) for k in ("acc_drop", "compression", "dense_test_acc", "macs_reduction",
-                                                "speedup_cpu_b1")]
-    columns += [_column("params", k) for k in ("method", "granularity", "compression_target", "dataset", "model",
-                                               "seed")]
+    columns += [
+        _column("metrics", k) for k in ("acc_drop", "compression", "dense_test_acc", "macs_reduction", "speedup_cpu_b1")
+    ]
+    columns += [
+        _column("params", k) for k in ("method", "granularity", "compression_target", "dataset", "model", "seed")
+    ]
     columns += [_column("attributes", "Dataset"), _column("attributes", "Models")]
     return {
         # sorted by a metric, the run list shows the runs of every sweep flat instead of folded under their parent
-        "searchFilter": "", "orderByKey": _column("metrics", "compression"), "orderByAsc": True,
-        "startTime": "ALL", "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
-        "selectedColumns": columns, "columnOrder": columns,
-        "runsHiddenMode": "SHOW_ALL", "useGroupedValuesInCharts": False, "isAccordionReordered": True,
-        "compareRunCharts": [_scatter(f"{VIEW_ID}-{x}", section, x)
-                             for x in ("compression", "macs_reduction", "speedup_cpu_b1")],
-        "compareRunSections": [{"uuid": section, "name": "test_acc (%) vs compression, MACs reduction, speed-up",
-                                "display": True, "isReordered": False, "deleted": False, "isGenerated": False}],
+        "searchFilter": "",
+        "orderByKey": _column("metrics", "compression"),
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL",
+        "useGroupedValuesInCharts": False,
+        "isAccordionReordered": True,
+        "compareRunCharts": [
+            _scatter(f"{VIEW_ID}-{x}", section, x) for x in ("compression", "macs_reduction", "speedup_cpu_b1")
+        ],
+        "compareRunSections": [
+            {
+                "uuid": section,
+                "name": "test_acc (%) vs compression, MACs reduction, speed-up",
+                "display": True,
+                "isReordered": False,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        ],
     }
 
 
@@ -142,8 +178,11 @@ def experiment_tags() -> dict[str, str]:
     """Tags set on every experiment prunelab creates: its kind, its description, the saved view."""
     now = int(time.time() * 1000)
     view = {"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(saved_view())}
-    return {"mlflow.experimentKind": "custom_model_development", "mlflow.note.content": NOTE,
-            f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view)}
+    return {
+        "mlflow.experimentKind": "custom_model_development",
+        "mlflow.note.content": NOTE,
+        f"mlflow.sharedViewState.{VIEW_ID}": json.dumps(view),
+    }
 
 
 def add_missing_tags(client, experiment) -> None:
@@ -199,24 +238,42 @@ def main(argv: list[str] | None = None) -> None:
     """``make ui``: start ``mlflow server``, add the UI tags to the store's experiments, and print the page to open
     once the server answers."""
     parser = argparse.ArgumentParser(prog="prunelab-ui", description=main.__doc__)
-    parser.add_argument("--backend-store-uri", default=None,
-                        help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db")
+    parser.add_argument(
+        "--backend-store-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db"
+    )
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--experiment", default="prunelab", help="experiment whose view is printed (default: prunelab)")
     args = parser.parse_args(argv)
-    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{Path(os.environ.get('PRUNELAB_ROOT', '.')).resolve() / 'outputs' / 'mlflow.db'}")
+    uri = (
+        args.backend_store_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (f"sqlite:///{Path(os.environ.get('PRUNELAB_ROOT', '.')).resolve() / 'outputs' / 'mlflow.db'}")
+    )
     base = f"http://127.0.0.1:{args.port}"
     # no address yet: a click on it before the server answers would get "connection refused"
     print(f"prunelab-ui: starting MLflow for {uri} on port {args.port} (one worker, no job runner) ...", flush=True)
     # One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
     # No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"],
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
-        fresh = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists()
+        fresh = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()
         # tagged while the server starts; a new SQLite file is left to the server (concurrent first use races on
         # its schema migration) and has no experiment to tag anyway
         experiment_id = None if fresh else _tag_and_find(uri, args.experiment)

@@ -20,8 +20,16 @@ from prunelab.tracking.ui import UI_PARAMS, VIEW_NAME, view_url
 
 CHROMIUM = os.environ.get("PRUNELAB_CHROMIUM", "/usr/bin/chromium")
 # No background traffic (the machine may have no network) and no first-run or sandbox set-up.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def missing() -> str | None:
@@ -46,8 +54,20 @@ def serve(uri: str, port: int | None = None, timeout: float = 180.0) -> Iterator
     """Run ``mlflow server`` on ``uri`` as ``make ui`` does (one worker, no job runner); yield its base URL."""
     port = port or free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with tempfile.TemporaryFile() as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
@@ -77,8 +97,12 @@ def chromium(width: int = 1440, height: int = 900) -> Iterator:
     try:
         with sync_playwright() as playwright:
             context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True,
-                viewport={"width": width, "height": height})
+                profile,
+                executable_path=CHROMIUM,
+                args=CHROMIUM_FLAGS,
+                headless=True,
+                viewport={"width": width, "height": height},
+            )
             try:
                 yield context.pages[0] if context.pages else context.new_page()
             finally:
@@ -109,15 +133,15 @@ def open_run_list(page, base: str, experiment_id: str, charts: bool = False):
 
 def open_report(page, base: str, experiment_id: str, parent_run_id: str, timeout: float = 90_000):
     """The sweep report in MLflow's artifact viewer; return the viewer's frame once the figure is drawn."""
-    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}/artifacts/report/accuracy.html?"
-              f"{UI_PARAMS}")
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{parent_run_id}/artifacts/report/accuracy.html?{UI_PARAMS}")
     page.wait_for_selector("iframe", timeout=timeout)
     _settle(page)
     deadline = time.monotonic() + timeout / 1000
     while time.monotonic() < deadline:
         for frame in page.frames:
             if frame.url.startswith("blob:") and frame.evaluate(
-                    "() => !!(document.getElementById('figure') || {}).data"):
+                "() => !!(document.getElementById('figure') || {}).data"
+            ):
                 return frame
         time.sleep(0.25)
     raise TimeoutError("the report's figure was not drawn in MLflow's artifact viewer")
@@ -130,8 +154,10 @@ def legend_entries(frame) -> list[str]:
 
 def traces(frame) -> list[dict]:
     """The drawn figure's traces: name, legend group and whether it has a legend entry."""
-    return frame.evaluate("() => document.getElementById('figure').data.map("
-                          "t => ({name: t.name, group: t.legendgroup, legend: t.showlegend !== false}))")
+    return frame.evaluate(
+        "() => document.getElementById('figure').data.map("
+        "t => ({name: t.name, group: t.legendgroup, legend: t.showlegend !== false}))"
+    )
 
 
 def download_report(page, folder: Path) -> Path:
@@ -147,9 +173,11 @@ def download_report(page, folder: Path) -> Path:
 
 def figure_drawn(page, timeout: float = 60_000) -> int:
     """Wait until the report's plotly figure is drawn on ``page`` (a page or a frame); return its number of traces."""
-    page.wait_for_function("() => { const f = document.getElementById('figure');"
-                           " return f && f.data && f.data.length && f.querySelector('.main-svg .scatterlayer'); }",
-                           timeout=timeout)
+    page.wait_for_function(
+        "() => { const f = document.getElementById('figure');"
+        " return f && f.data && f.data.length && f.querySelector('.main-svg .scatterlayer'); }",
+        timeout=timeout,
+    )
     return page.evaluate("() => document.getElementById('figure').data.length")
 
 
