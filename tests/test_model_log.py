@@ -1,6 +1,6 @@
 """Every run logs a loadable MLflow model and its datasets: the model loads in a fresh process and gives the run's
-test accuracy, for magnitude and ADMM; it is an nn.Module (eval, to, state_dict) that loads without prunelab, also
-after a method replaced a layer; the three splits are the run's dataset inputs."""
+test accuracy, for every method of the registry; it is an nn.Module (eval, to, state_dict) that loads without
+prunelab, also after a method replaced a layer; the three splits are the run's dataset inputs."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import runs_in
+from prunelab.pruning import METHODS
 from prunelab.train import train
 
 # A fresh interpreter: only the tracking URI and the run ids come from this process.
@@ -32,12 +33,12 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow  # a fit, then a fresh interpreter; test_logged_model_is_a_module_... loads one without a fit
+@pytest.mark.slow  # a fit per method, then a fresh interpreter; test_logged_model_is_a_module_... needs no fit
 def test_model_loads_in_a_fresh_process_with_the_runs_test_accuracy(make_cfg, tmp_path):
-    for method in ("magnitude", "admm"):
+    for method in METHODS:  # every method of the registry, EigenDamage's replaced layers and AutoPrune's gates too
         train(make_cfg(f"pruning={method}", "pruning.compression=4", "logger.log_model=true", "measure.latency=false"))
     runs = {r.data.params["method"]: r for r in runs_in(tmp_path)}
-    assert sorted(runs) == ["admm", "magnitude"]
+    assert sorted(runs) == sorted(METHODS)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/outputs/mlflow.db"}
     proc = subprocess.run(
         [sys.executable, "-c", LOAD_AND_TEST, *(r.info.run_id for r in runs.values())],
@@ -73,7 +74,7 @@ def test_a_dataset_another_run_inserted_first_is_logged_again_and_other_errors_r
     from mlflow.exceptions import MlflowException
 
     from prunelab.data import DigitsDataModule
-    from prunelab.tracking import model_log
+    from prunelab.tracking.runs import model_log
 
     calls = []
 
@@ -187,7 +188,7 @@ def test_logged_model_is_a_module_that_loads_without_prunelab(tmp_path):
     """``mlflow.pytorch.load_model`` gives an nn.Module (``.eval()``, ``.to()``, ``.state_dict()``, forward at any
     batch size) with the logged net's weights and logits, in a process where prunelab does not import: a plain
     network, one whose layer a method replaced by a bottleneck, one with BatchNorm, one only torch.export traces."""
-    from prunelab.tracking.model_log import log_model
+    from prunelab.tracking.runs.model_log import log_model
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -222,7 +223,7 @@ def test_logged_model_is_a_module_that_loads_without_prunelab(tmp_path):
 
 
 def test_a_forward_no_graph_reproduces_is_logged_as_the_pickled_module(tmp_path, caplog):
-    from prunelab.tracking.model_log import log_model, portable_module
+    from prunelab.tracking.runs.model_log import log_model, portable_module
 
     net = ValueBranch()
     assert portable_module(net, torch.zeros(2, 1, 8, 8)) is None
