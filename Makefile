@@ -46,13 +46,13 @@ sweep: $(STAMP) ## the default sweep: every method × ratios 2–64 × mnist5k, 
 	$(PY) -m prunelab.train sweep=default $(ARGS)
 
 report: $(STAMP) ## rebuild the latest sweep's report into outputs/reports/<sweep id>/ (ARGS="--sweep-id <id>")
-	$(PY) -m prunelab.tracking.report $(ARGS)
+	$(PY) -m prunelab.tracking.sweeps.report $(ARGS)
 
 regress: $(STAMP) ## regression gate: run the fixed grid, compare with regress/baseline.json, exit 1 on a regression
-	$(PY) -m prunelab.tracking.regress $(ARGS)
+	$(PY) -m prunelab.tracking.sweeps.regress $(ARGS)
 
 ui: $(STAMP) ## serve the MLflow UI for the local store on http://127.0.0.1:5000 (prints the page to open)
-	$(PY) -m prunelab.tracking.ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" $(ARGS)
+	$(PY) -m prunelab.tracking.server.ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/outputs/mlflow.db}" $(ARGS)
 
 bench: $(STAMP) ## time `make train` with a fresh and with a cached dense baseline
 	$(PY) bench/train_time.py

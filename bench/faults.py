@@ -24,9 +24,9 @@ from pathlib import Path
 import mlflow
 import torch
 
-from prunelab.tracking.record import FINAL_METRICS
-from prunelab.tracking.store import schema_problems
-from prunelab.tracking.teamserver import mlflow_server, postgres, postgres_bin
+from prunelab.tracking.runs.record import FINAL_METRICS
+from prunelab.tracking.server.store import schema_problems
+from prunelab.tracking.server.teamserver import mlflow_server, postgres, postgres_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,7 +175,7 @@ if client.get_experiment_by_name("prunelab") is None:
 _OUR_FIRST_USE = (
     _RAW_FIRST_USE.split("client =")[0]
     + """
-from prunelab.tracking.store import ensure_experiment
+from prunelab.tracking.server.store import ensure_experiment
 ensure_experiment(sys.argv[1], "prunelab")
 """
 )

@@ -63,11 +63,11 @@ def run_cell(cell: str, args, env: dict[str, str]) -> None:
 
 
 def load(*roots: Path):
-    """The recorded runs (:func:`prunelab.tracking.report.load_runs`), keyed by cell, method name and ratio; where
-    several roots hold a (cell, method, ratio, seed), the last root's runs are kept."""
+    """The recorded runs (:func:`prunelab.tracking.sweeps.report.load_runs`), keyed by cell, method name and ratio;
+    where several roots hold a (cell, method, ratio, seed), the last root's runs are kept."""
     import pandas as pd
 
-    from prunelab.tracking.report import load_runs
+    from prunelab.tracking.sweeps.report import load_runs
 
     frames = []
     for order, root in enumerate(roots):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import mlflow
 
-from prunelab.tracking import ui_pages
-from prunelab.tracking.report import find_sweep
+from prunelab.tracking.server import ui_pages
+from prunelab.tracking.sweeps.report import find_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = [

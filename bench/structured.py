@@ -10,7 +10,7 @@ Every run goes through the real CLI, one Hydra multirun per (cell, method): ``py
 pruning=M pruning.compression=r1,r2,.. seed=0,1,2 data=D model=N`` with the joblib launcher
 (``hydra/launcher=local_parallel num_threads=1``), recorded in MLflow under a private ``PRUNELAB_ROOT`` (a fresh
 temporary folder unless ``--root`` names one, which keeps the dense baselines cached for a rerun); the table is read
-back from MLflow with :func:`prunelab.tracking.report.load_runs`.
+back from MLflow with :func:`prunelab.tracking.sweeps.report.load_runs`.
 
 Granularity ``column`` (im2col columns; for a Linear layer, its input features) and ``scope=layer`` (the same share
 of groups pruned in every pruned layer) for every method, so that all prune the same number of groups per layer and
@@ -96,7 +96,7 @@ def table(root: Path) -> str:
     """Markdown table per cell: one row per (method, requested ratio), read back from MLflow."""
     import mlflow
 
-    from prunelab.tracking.report import load_runs
+    from prunelab.tracking.sweeps.report import load_runs
 
     uri = f"sqlite:///{root}/outputs/mlflow.db"
     runs = load_runs(uri, EXPERIMENT)

@@ -17,7 +17,7 @@ PRUNELAB_ROOT (default ``outputs/bench_structured_macs``; dense baselines cached
 cell starts from the same dense model); latency is measured (CPU, batch 1 and 64, dense and pruned interleaved in one
 process), ONNX is not. The table gives per cell and variant: MACs reduction reached (mean), test accuracy mean ± std,
 its drop from dense, the CPU speed-up at batch 1 (median over seeds) and flags: ``C k/n`` runs below the collapse
-limit against their dense model (``prunelab.tracking.collapse.dense_limit``: less than 75 % of the dense accuracy above
+limit against their dense model (``prunelab.collapse.dense_limit``: less than 75 % of the dense accuracy above
 chance), ``off`` a run more than 2 % from the requested MACs ratio, ``F`` a failed run, ``unreachable`` a ratio
 rejected before training. The bars of issue 24 are checked at the end: every cell within 2 points of dense, every
 ratio within 2 %, and on ``lenet5_classic`` the best method at least Torch-Pruning's accuracy.
@@ -138,7 +138,7 @@ def _mean_std(values) -> str:
 
 def table(runs, variants: list[str], cells: list[str], ratios: list[float]) -> tuple[list[str], list[str]]:
     """Markdown lines (one table per cell) and the bars missed."""
-    from prunelab.tracking.collapse import dense_limit
+    from prunelab.collapse import dense_limit
 
     lines, missed, best = [], [], {}
     for cell in cells:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import mlflow
 
-from prunelab.tracking.sweep import KIND_TAG
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 

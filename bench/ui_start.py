@@ -31,7 +31,7 @@ SETTINGS = {  # name -> command, given the store and the port
     ],
     "make ui (1 worker, no job runner)": lambda uri, port: [
         "-m",
-        "prunelab.tracking.ui",
+        "prunelab.tracking.server.ui",
         "--backend-store-uri",
         uri,
         "--port",

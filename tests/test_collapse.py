@@ -6,8 +6,8 @@ import torch
 
 import prunelab.train as train_module
 from conftest import runs_in
+from prunelab import collapse
 from prunelab.models import LeNet300
-from prunelab.tracking import collapse
 
 EXAMPLE = torch.zeros(1, 1, 8, 8)
 

@@ -15,8 +15,8 @@ from prunelab.measure import compact
 from prunelab.measure.export import ExportCheckError, export_onnx, export_pt2, onnx_latency, session
 from prunelab.models import LeNet5
 from prunelab.models.architecture import log_description, rebuild
-from prunelab.tracking import export_cli
-from prunelab.tracking.model_log import log_model
+from prunelab.tracking.runs import export_cli
+from prunelab.tracking.runs.model_log import log_model
 
 RTOL = 1e-4
 

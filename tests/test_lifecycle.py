@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import runs_in
-from prunelab.tracking.lifecycle import deferred_signals, reconcile, stop_on_signals
+from prunelab.tracking.runs.lifecycle import deferred_signals, reconcile, stop_on_signals
 from prunelab.train import train
 
 # long enough a fit (3 epochs of LeNet-5 on mnist5k) that a signal lands inside it

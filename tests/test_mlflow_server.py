@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prunelab.tracking.record import FINAL_METRICS
+from prunelab.tracking.runs.record import FINAL_METRICS
 from prunelab.train import train
 
 pytestmark = pytest.mark.slow  # a server start and a fit; the default run records the same names into SQLite

@@ -21,7 +21,7 @@ from prunelab.models import LeNet5
 from prunelab.models.classifier import Classifier
 from prunelab.models.factory import RepeatChannels, instantiate_model
 from prunelab.pretrained import load_dense_checkpoint
-from prunelab.tracking import model_log
+from prunelab.tracking.runs import model_log
 
 RGB32 = {"num_channels": 3, "image_size": 32, "num_classes": 10}
 GRAY16 = {"num_channels": 1, "image_size": 16, "num_classes": 10}

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from prunelab.tracking import regress
+from prunelab.tracking.sweeps import regress
 
 GRID = [
     "data=digits",
@@ -42,7 +42,7 @@ def _gate(tmp_path, baseline, *extra):
         [
             sys.executable,
             "-m",
-            "prunelab.tracking.regress",
+            "prunelab.tracking.sweeps.regress",
             "--baseline",
             str(baseline),
             "--grid",
@@ -78,7 +78,7 @@ def test_gate_passes_unchanged_and_fails_weakened(tmp_path):
 
 
 def test_one_wild_cell_does_not_widen_every_band():
-    from prunelab.tracking.regress import noise_floor
+    from prunelab.tracking.sweeps.regress import noise_floor
 
     assert noise_floor([0.1, 0.2, 0.3, 35.0]) == 0.5  # median 0.25 → 0.5, not the wild cell's 35
     assert noise_floor([0.4, 0.5, 0.6, 35.0]) == pytest.approx(1.1)  # 2 × median 0.55, rounded up to 0.1

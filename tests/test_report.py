@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunelab.tracking import report, report_figure, ui
-from prunelab.tracking.sweep import KIND_TAG
-from prunelab.tracking.ui import method_color
+from prunelab.tracking.server import ui
+from prunelab.tracking.server.ui import method_color
+from prunelab.tracking.sweeps import report, report_figure
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
 
 def _run(exp, sweep, method, ratio, seed, acc, collapsed=False, latency=None, dense=97.0):

@@ -15,7 +15,7 @@ import torch
 
 from conftest import runs_in
 from prunelab.dense import cache_dir
-from prunelab.tracking.resume import FinishedRunError
+from prunelab.tracking.runs.resume import FinishedRunError
 from prunelab.train import train
 
 

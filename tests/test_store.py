@@ -10,21 +10,21 @@ import pytest
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking._tracking_service.registry import TrackingStoreRegistry
 
-from prunelab.tracking.runs import main as runs_cli
-from prunelab.tracking.store import (
+from prunelab.tracking.runs.cli import main as runs_cli
+from prunelab.tracking.server.store import (
     StoreBrokenError,
     TrackingUnavailableError,
     ensure_experiment,
     schema_problems,
     tracking_uri,
 )
-from prunelab.tracking.teamserver import free_port
+from prunelab.tracking.server.teamserver import free_port
 
 # every process imports MLflow, says so, then waits for the same moment to touch the store
 _FIRST_USE = """
 import sys, time
 from pathlib import Path
-from prunelab.tracking.store import ensure_experiment
+from prunelab.tracking.server.store import ensure_experiment
 print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)

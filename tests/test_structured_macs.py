@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from prunelab import collapse
 from prunelab.data import DigitsDataModule
 from prunelab.measure import count_macs
 from prunelab.models import LeNet5Classic, build_model
@@ -23,7 +24,6 @@ from prunelab.pruning import MagnitudePruning, groups, kfe
 from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.kfac import Factors
 from prunelab.pruning.macs_target import compacted_macs
-from prunelab.tracking import collapse
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "pruning"
 FAST = {"fisher_batches": 2}  # OBD and EigenDamage: Fisher passes over two batches

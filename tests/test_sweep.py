@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import runs_in
-from prunelab.tracking import report
-from prunelab.tracking.record import FINAL_METRICS
-from prunelab.tracking.sweep import KIND_TAG
+from prunelab.tracking.runs.record import FINAL_METRICS
+from prunelab.tracking.sweeps import report
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
 SWEEP = [
     sys.executable,

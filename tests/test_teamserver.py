@@ -8,9 +8,9 @@ import sys
 import mlflow
 import pytest
 
-from prunelab.tracking.record import FINAL_METRICS
-from prunelab.tracking.sweep import KIND_TAG
-from prunelab.tracking.teamserver import postgres, postgres_bin, team_server
+from prunelab.tracking.runs.record import FINAL_METRICS
+from prunelab.tracking.server.teamserver import postgres, postgres_bin, team_server
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 from test_store import start_together
 
 pytestmark = [

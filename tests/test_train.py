@@ -12,7 +12,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from conftest import runs_in
 from prunelab.data import DatasetNotFoundError
 from prunelab.models.classifier import NonFiniteLossError
-from prunelab.tracking.record import FINAL_METRICS, summary
+from prunelab.tracking.runs.record import FINAL_METRICS, summary
 from prunelab.train import train
 
 

@@ -6,9 +6,9 @@ import json
 import mlflow
 import pytest
 
-from prunelab.tracking import ui
-from prunelab.tracking.collapse import Collapse
-from prunelab.tracking.store import ensure_experiment
+from prunelab.collapse import Collapse
+from prunelab.tracking.server import ui
+from prunelab.tracking.server.store import ensure_experiment
 
 
 def test_new_experiment_has_the_kind_the_description_and_the_saved_view(tmp_path):

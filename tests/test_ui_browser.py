@@ -17,9 +17,9 @@ import mlflow
 import pytest
 
 from conftest import runs_in
-from prunelab.tracking import ui, ui_pages
-from prunelab.tracking.collapse import Collapse
-from prunelab.tracking.sweep import KIND_TAG
+from prunelab.collapse import Collapse
+from prunelab.tracking.server import ui, ui_pages
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
 pytestmark = pytest.mark.slow
 CHROMIUM = pytest.mark.skipif(ui_pages.missing() is not None, reason=str(ui_pages.missing()))
@@ -127,7 +127,7 @@ def test_make_ui_prints_an_address_that_answers_at_once(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "prunelab.tracking.ui",
+        "prunelab.tracking.server.ui",
         "--backend-store-uri",
         f"sqlite:///{tmp_path}/mlflow.db",
         "--port",

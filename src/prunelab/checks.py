@@ -11,7 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.tracking.store import check_tracking_uri
+from prunelab.tracking.server.store import check_tracking_uri
 
 
 def _positive_int(cfg: DictConfig, key: str) -> None:

@@ -41,7 +41,7 @@ def _is_mlflow(source: str) -> bool:
 def _load_mlflow(source: str, key: str) -> Any:
     from mlflow.exceptions import MlflowException
 
-    from prunelab.tracking import model_log  # noqa: F401 - imports mlflow.pytorch, keeping the root logger as it was
+    from prunelab.tracking.runs import model_log  # noqa: F401 - imports mlflow.pytorch, keeping the root logger as it was
 
     try:
         return mlflow.pytorch.load_model(source, map_location="cpu")

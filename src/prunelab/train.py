@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-from prunelab import budget, distributed
+from prunelab import budget, collapse, distributed
 from prunelab.checks import check_config, check_optimizers, check_root_env
 from prunelab.data.shape import adopt_shape
 from prunelab.dense import dense_baseline
@@ -33,10 +33,12 @@ from prunelab.models.factory import input_shape, instantiate_model
 from prunelab.pretrained import load_dense_checkpoint
 from prunelab.progress import EpochLine
 from prunelab.pruning import PruningCallback
-from prunelab.tracking import collapse, resume, sweep, ui
-from prunelab.tracking.lifecycle import stop_on_signals
-from prunelab.tracking.record import rounded, summary
-from prunelab.tracking.session import RunSession, record_failed_job
+from prunelab.tracking.runs import resume
+from prunelab.tracking.runs.lifecycle import stop_on_signals
+from prunelab.tracking.runs.record import rounded, summary
+from prunelab.tracking.runs.session import RunSession, record_failed_job
+from prunelab.tracking.server import ui
+from prunelab.tracking.sweeps import sweep
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")

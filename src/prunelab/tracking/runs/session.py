@@ -12,15 +12,16 @@ import mlflow
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from prunelab.collapse import Collapse
 from prunelab.distributed import Ranks
 from prunelab.measure import LATENCY_FILE
 from prunelab.models.architecture import log_description
-from prunelab.tracking import model_log, resume, ui
-from prunelab.tracking.collapse import Collapse
-from prunelab.tracking.lifecycle import deferred_signals, interrupted, reconcile
-from prunelab.tracking.record import rounded, run_params
-from prunelab.tracking.store import RunLogger, open_experiment
-from prunelab.tracking.sweep import Sweep
+from prunelab.tracking.runs import model_log, resume
+from prunelab.tracking.runs.lifecycle import deferred_signals, interrupted, reconcile
+from prunelab.tracking.runs.record import rounded, run_params
+from prunelab.tracking.server import ui
+from prunelab.tracking.server.store import RunLogger, open_experiment
+from prunelab.tracking.sweeps.sweep import Sweep
 
 log = logging.getLogger(__name__)
 

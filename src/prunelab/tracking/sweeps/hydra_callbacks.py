@@ -9,8 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from prunelab.tracking import sweep
-from prunelab.tracking.store import open_experiment
+from prunelab.tracking.server.store import open_experiment
+from prunelab.tracking.sweeps import sweep
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class MlflowSetupCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._sweep is None:
             return
-        from prunelab.tracking import report  # plotting libraries only when a sweep ends
+        from prunelab.tracking.sweeps import report  # plotting libraries only when a sweep ends
 
         failed = []
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
-from prunelab.tracking.lifecycle import process_tags
+from prunelab.tracking.runs.lifecycle import process_tags
 
 PARENT_ENV = "PRUNELAB_PARENT_RUN_ID"
 SWEEP_ENV = "PRUNELAB_SWEEP_ID"

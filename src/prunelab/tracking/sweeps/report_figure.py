@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prunelab.tracking.ui import method_color
+from prunelab.tracking.server.ui import method_color
 
 PNG_DPI = 110
 AXES = (  # metric, axis title, larger is better, log-2 axis, spread of x (a column, shown as ± half of it) or None

@@ -1,7 +1,7 @@
 """The team tracking stack of ``docker/`` without Docker: a throwaway PostgreSQL cluster and an ``mlflow server`` on
 it, both on 127.0.0.1 only. The integration tests and ``bench/faults.py`` run on it; anyone can try the team set-up:
 
-    python -m prunelab.tracking.teamserver        # prints the MLFLOW_TRACKING_URI to use; Ctrl-C stops both
+    python -m prunelab.tracking.server.teamserver        # prints the MLFLOW_TRACKING_URI to use; Ctrl-C stops both
 
 PostgreSQL's binaries come from the system (Debian: ``apt-get install postgresql``); run as root, the cluster runs as
 the ``postgres`` user, which PostgreSQL requires. Artifacts go to a local folder (``--artifacts-destination``); the

@@ -30,11 +30,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from prunelab.tracking.report import load_runs
-from prunelab.tracking.store import tracking_uri
-from prunelab.tracking.sweep import KIND_TAG
+from prunelab.tracking.server.store import tracking_uri
+from prunelab.tracking.sweeps.report import load_runs
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 BASELINE = ROOT / "regress" / "baseline.json"
 EXPERIMENT = "prunelab-regress"
 DEFAULT_FLOOR = 1.0

@@ -149,7 +149,7 @@ def _num(metrics: dict, key: str, fmt: str) -> str | None:
 def run_description(metrics: dict[str, float], verdict=None) -> str:
     """A run's result in one line, for its MLflow description (tag :data:`DESCRIPTION_TAG`), shown first in the
     saved run view: test accuracy and its drop from the dense model, the compression reached, MACs and CPU speed-up;
-    a collapsed run (``verdict``: :class:`prunelab.tracking.collapse.Collapse`) starts with :data:`COLLAPSED_MARK`
+    a collapsed run (``verdict``: :class:`prunelab.collapse.Collapse`) starts with :data:`COLLAPSED_MARK`
     and ends with the reason.
 
     Example: ``96.42 % test acc (−0.81 vs dense 97.23) at 8.00× · 3.10× fewer MACs · 1.42× faster (CPU b1)``.

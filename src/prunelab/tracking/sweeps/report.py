@@ -19,9 +19,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from prunelab.tracking import report_figure, ui
-from prunelab.tracking.collapse import TAG as COLLAPSED_TAG
-from prunelab.tracking.sweep import KIND_TAG
+from prunelab.collapse import TAG as COLLAPSED_TAG
+from prunelab.tracking.server import ui
+from prunelab.tracking.sweeps import report_figure
+from prunelab.tracking.sweeps.sweep import KIND_TAG
 
 CELL = ["dataset", "model", "method", "compression_target"]
 _METRICS = (
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder for the files (default: outputs/reports/<sweep id>)")
     parser.add_argument("--no-log", action="store_true", help="do not log the files to the sweep's parent run")
     args = parser.parse_args(argv)
-    from prunelab.tracking.store import tracking_uri
+    from prunelab.tracking.server.store import tracking_uri
 
     uri = tracking_uri(args.tracking_uri, "outputs")
     sweep_id, parent = find_sweep(uri, args.experiment, args.sweep_id)

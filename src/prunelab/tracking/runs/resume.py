@@ -19,8 +19,8 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from prunelab.models import architecture
-from prunelab.tracking.lifecycle import CHECKPOINT_TAG, process_tags
-from prunelab.tracking.record import run_params
+from prunelab.tracking.runs.lifecycle import CHECKPOINT_TAG, process_tags
+from prunelab.tracking.runs.record import run_params
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
-from prunelab.tracking.lifecycle import deferred_signals
-from prunelab.tracking.record import rounded
-from prunelab.tracking.ui import experiment_tags
+from prunelab.tracking.runs.lifecycle import deferred_signals
+from prunelab.tracking.runs.record import rounded
+from prunelab.tracking.server.ui import experiment_tags
 
 log = logging.getLogger(__name__)
 

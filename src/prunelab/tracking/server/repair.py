@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prunelab.tracking.store import TMP_TABLE_PREFIX, schema_problems, sqlite_path, store_lock
+from prunelab.tracking.server.store import TMP_TABLE_PREFIX, schema_problems, sqlite_path, store_lock
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from prunelab.tracking.ui import UI_PARAMS, VIEW_NAME, view_url
+from prunelab.tracking.server.ui import UI_PARAMS, VIEW_NAME, view_url
 
 CHROMIUM = os.environ.get("PRUNELAB_CHROMIUM", "/usr/bin/chromium")
 # No background traffic (the machine may have no network) and no first-run or sandbox set-up.

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from prunelab.tracking.lifecycle import reconcile
-from prunelab.tracking.repair import repair_store
-from prunelab.tracking.store import StoreBrokenError, check_server, check_store, tracking_uri
+from prunelab.tracking.runs.lifecycle import reconcile
+from prunelab.tracking.server.repair import repair_store
+from prunelab.tracking.server.store import StoreBrokenError, check_server, check_store, tracking_uri
 
 
 def _parser() -> argparse.ArgumentParser:

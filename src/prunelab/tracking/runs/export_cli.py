@@ -30,8 +30,8 @@ from torch import nn
 from prunelab.measure.export import export_onnx, export_pt2
 from prunelab.models import instantiate_model
 from prunelab.models.architecture import rebuild
-from prunelab.tracking.model_log import MODEL_NAME
-from prunelab.tracking.store import tracking_uri
+from prunelab.tracking.runs.model_log import MODEL_NAME
+from prunelab.tracking.server.store import tracking_uri
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "pt2")
