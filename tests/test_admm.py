@@ -99,11 +99,11 @@ def test_auto_rho_growth_reaches_rho_max_at_the_last_update(update_every, unit):
 
     class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
-            if pruning.phase == "prune" and (not seen or seen[-1] != pruning.rho):
+            if not pruning.done and (not seen or seen[-1] != pruning.rho):
                 seen.append(pruning.rho)
 
     fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS["adam"], epochs=4, callbacks=[Watch()])
-    assert pruning.phase == "finetune" and len(seen) >= 2  # at least one update changed ρ before the hard prune
+    assert pruning.done and len(seen) >= 2  # at least one update changed ρ before the hard prune
     assert seen[0] == 0.01 and seen[-1] == pytest.approx(0.3)
     assert all(b / a == pytest.approx(pruning.growth) for a, b in zip(seen, seen[1:]))  # geometric
 
@@ -119,7 +119,7 @@ def test_no_regrowth_in_retrain_phase(opt):
     watch = ZeroWatch(pruning)
     trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "finetune" and pruning.hard_prune_step == trainer.estimated_stepping_batches // 2
+    assert pruning.done and pruning.hard_prune_step == trainer.estimated_stepping_batches // 2
     assert abs(_compression(pruning) - 10) / 10 < 0.02
     assert 0.0 <= pruning.acc_after_hard_prune <= 1.0  # a fraction, like val/acc
     assert {"admm/primal_residual", "admm/z_change", "admm/rho", "admm/acc_after_hard_prune"} <= set(
@@ -144,7 +144,7 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
             ckpt=True,
             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
         )
-    assert first.phase == "prune" and first.last_update > 0 and first.rho > first.rho0  # killed mid-ADMM
+    assert not first.done and first.last_update > 0 and first.rho > first.rho0  # killed mid-ADMM
     saved = {k: {n: t.clone() for n, t in getattr(first, k).items()} for k in ("Z", "U")}
     resumed, seen = ADMMPruning(**kwargs), {}
 
@@ -166,7 +166,7 @@ def test_resume_mid_admm_restores_z_u_and_gives_identical_masks(tmp_path):
         assert all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert (seen["rho"], seen["last"]) == (first.rho, first.last_update)
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
-    assert resumed.phase == full.phase == "finetune"
+    assert resumed.done and full.done
 
 
 @pytest.mark.parametrize("retrain", ["restart", "continue"])

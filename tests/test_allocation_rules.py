@@ -57,7 +57,7 @@ def test_round_to_keeps_channel_counts_multiples_and_the_ratio(granularity, comp
     net = build_model("vgg16", in_channels=3, image_size=32, num_classes=10)
     cb = MagnitudePruning(compression=compression, granularity=granularity, round_to=8)
     cb.bind(net)
-    masks = cb.allocation(cb.final_sparsity)
+    masks = cb.allocator.allocation(cb.final_sparsity)
     for n in cb._eligible:
         alive = int(groups.group_mask_of(masks[n], granularity).sum())
         count = math.prod(groups.group_shape(masks[n], granularity))
@@ -120,7 +120,7 @@ def test_target_macs_reaches_the_macs_ratio(model, granularity, scope):
     cb.prune_to(cb.final_sparsity)
     reduction = _macs_reduction(cb, net, example)
     assert abs(reduction - 4) / 4 < 0.02, reduction
-    assert cb.macs_reduction == pytest.approx(reduction)
+    assert cb.allocator.macs_reduction == pytest.approx(reduction)
     total, nonzero = cb.masks.counts()
     assert total / nonzero != pytest.approx(4, rel=0.02)  # the parameter ratio is not the MACs ratio
 
@@ -135,8 +135,8 @@ def test_target_macs_on_coarse_groups_moves_off_the_path_into_the_band():
     cb.example_input = example
     cb.prune_to(cb.final_sparsity)
     reduction = _macs_reduction(cb, net, example)
-    assert cb.macs_reduction == pytest.approx(reduction) and abs(reduction - 4) / 4 <= 0.02
-    assert cb.note is None and cb.tags() == {"target_reached": f"{reduction:.4g}"}
+    assert cb.allocator.macs_reduction == pytest.approx(reduction) and abs(reduction - 4) / 4 <= 0.02
+    assert cb.note is None and cb.allocator.tags() == {"target_reached": f"{reduction:.4g}"}
 
 
 def test_target_macs_unreachable_is_rejected_before_training():

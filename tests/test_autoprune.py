@@ -82,7 +82,7 @@ def test_no_regrowth_exact_compression_and_gate_curves(opt):
     watch = ZeroWatch(pruning)
     trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "finetune" and abs(achieved(pruning) - 10) / 10 < 0.02
+    assert pruning.done and abs(achieved(pruning) - 10) / 10 < 0.02
     assert {"autoprune/open_fraction", "autoprune/mean_gate", "autoprune/reopened"} <= set(trainer.callback_metrics)
 
 
@@ -153,7 +153,7 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
             ckpt=True,
             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
         )
-    assert first.phase == "prune" and first.gates
+    assert not first.done and first.gates
     gates = {n: g.clone() for n, g in first.gates.items()}
     moments = {i: {k: v.clone() for k, v in s.items()} for i, s in first.gate_optimizer().state_dict()["state"].items()}
     resumed, seen = AutoPrune(**kwargs), {}
@@ -178,7 +178,7 @@ def test_resume_mid_prune_restores_gates_and_their_optimizer(tmp_path):
     assert all(torch.equal(seen["gates"][n], gates[n]) for n in gates)
     assert seen["lr"] == first.lr and set(seen["state"]) == set(moments)
     assert all(torch.equal(seen["state"][i][k], moments[i][k]) for i in moments for k in moments[i])
-    assert resumed.phase == full.phase == "finetune"
+    assert resumed.done and full.done
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
 
 

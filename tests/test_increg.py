@@ -81,10 +81,10 @@ def test_exact_group_counts_per_layer(granularity, compression):
     start.bind(copy.deepcopy(model))
     if start.counts_compacted:  # as the core does before start()
         start.example_input = torch.zeros(1, 1, 8, 8)
-        start.calibrate()
+        start.allocator.calibrate()
     pruning = IncRegPruning(compression=compression, granularity=granularity, ramp=0.1)
     trainer = fit_digits(model, pruning)
-    assert pruning.counts == start.layer_prune_counts()  # the allocator's counts on the starting weights
+    assert pruning.counts == start.allocator.layer_prune_counts()  # the allocator's counts on the starting weights
     assert pruning.done and _pruned_per_layer(pruning) == pruning.counts and sum(pruning.counts.values()) > 0
     total, nonzero = pruning.masks.counts()
     ratio = compacted_ratio(pruning, torch.zeros(1, 1, 8, 8)) if pruning.counts_compacted else total / nonzero

@@ -32,7 +32,7 @@ def test_structured_modes_reach_target_in_training(granularity):
     # counted once compaction removed the emptied channels and the weights that read or fed them
     assert total / nonzero < 3.9
     assert abs(compacted_ratio(pruning, torch.zeros(1, 1, 8, 8)) - 4) / 4 < 0.02
-    assert pruning.phase == "finetune"
+    assert pruning.done
 
 
 def _masks(pruning):

@@ -72,5 +72,5 @@ def test_callback_with_nm_granularity():
         rows = module.weight.detach().reshape(module.weight.shape[0], -1, 4)
         assert bool((rows.ne(0).sum(-1) <= 2).all()), name
         assert bool((cb.masks.masks[name].reshape(rows.shape).sum(-1) == 2).all()), name
-    assert cb.phase == "finetune"
+    assert cb.done
     assert abs(1 / (1 - cb.masks.sparsity()) - 2) / 2 < 0.02

@@ -161,11 +161,11 @@ def test_prune_to_compression_counts_an_intermediate_ratio_as_the_final_one_is_c
         compacted = compacted_ratio(pruning, pruning.example_input) if granularity == "filter" else total / nonzero
         return compacted, total / nonzero
 
-    pruning.prune_to_compression(ratio)
+    pruning.allocator.prune_to_compression(ratio)
     compacted, masked = reached()
     assert abs(compacted - ratio) / ratio < 0.03 and not pruning.done
     if granularity == "filter":  # the masks alone leave the weights that read pruned filters
         assert masked < 0.95 * ratio
-    pruning.prune_to_compression(final)
+    pruning.allocator.prune_to_compression(final)
     compacted, masked = reached()
     assert abs(compacted - final) / final < 0.03 and pruning.done and masked <= compacted + 1e-9

@@ -109,7 +109,7 @@ def test_no_regrowth_and_curves(opt):
     watch = ZeroWatch(pruning)
     trainer = fit_digits(LeNet300(image_size=8), pruning, OPTIMIZERS[opt], callbacks=[watch])
     assert watch.steps > 30 and watch.violations == 0
-    assert pruning.phase == "finetune" and abs(achieved(pruning) - 10) / 10 < 0.02
+    assert pruning.done and abs(achieved(pruning) - 10) / 10 < 0.02
     assert pruning.k > 1 and 0.0 <= pruning.acc_after_hard_prune <= 1.0
     keys = {
         "slr/condition1",
@@ -150,7 +150,7 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
             ckpt=True,
             callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True), KillAt(2)],
         )
-    assert first.phase == "prune" and first.k > 2 and first.loss_count > 0  # killed mid-SLR, mid-period
+    assert not first.done and first.k > 2 and first.loss_count > 0  # killed mid-SLR, mid-period
     kinds = ("Z", "U", "W_prev", "Z_prev")
     scalars = ("s", "k", "loss_prev", "loss_count", "accepted", "last_update")
     saved = {k: {n: t.clone() for n, t in getattr(first, k).items()} for k in kinds}
@@ -174,7 +174,7 @@ def test_resume_mid_slr_restores_multipliers_and_gives_identical_masks(tmp_path)
     for k in kinds:
         assert saved[k] and all(torch.equal(seen[k][n], saved[k][n]) for n in saved[k])
     assert {k: seen[k] for k in saved_scalars} == saved_scalars
-    assert resumed.phase == full.phase == "finetune" and (resumed.k, resumed.s) == (full.k, full.s)
+    assert resumed.done and full.done and (resumed.k, resumed.s) == (full.k, full.s)
     assert all(torch.equal(full.masks.masks[n], resumed.masks.masks[n]) for n in full.masks.masks)
 
 

@@ -83,8 +83,8 @@ def _counts(pruning, net):
     fresh.bind(net)
     if fresh.counts_compacted and not fresh.layer_sparsity:  # as the core does before start()
         fresh.example_input = torch.zeros(1, 1, 8, 8)
-        fresh.calibrate()
-    return fresh.layer_prune_counts()
+        fresh.allocator.calibrate()
+    return fresh.allocator.layer_prune_counts()
 
 
 def _removable(pruning) -> dict[str, int]:
@@ -141,12 +141,12 @@ def test_target_macs_sets_the_layer_counts():
     spp = SPPPruning(compression=3, granularity="filter", target="macs")
     spp.validate(net, example)
     spp.bind(net)
-    spp.calibrate()  # as the core does before start() under target=macs
+    spp.allocator.calibrate()  # as the core does before start() under target=macs
     spp.start(type("T", (), {"estimated_stepping_batches": 100, "optimizers": []})())
     spp.finalize(None)  # prune the counts (filters' MACs depend only on how many go per layer)
     pruned = compact(masked_copy(net, spp.masks.masks, spp.masks.dependents), example).net
     reduction = count_macs(net, example) / count_macs(pruned, example)
-    assert reduction == pytest.approx(spp.macs_reduction) and abs(reduction - 3) / 3 < 0.02
+    assert reduction == pytest.approx(spp.allocator.macs_reduction) and abs(reduction - 3) / 3 < 0.02
 
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))

@@ -29,10 +29,11 @@ import pytorch_lightning as pl
 import torch
 
 from prunelab.pruning import groups
-from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
-from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
+from prunelab.pruning.base import PruningCallback
+from prunelab.pruning.checks import BASE_OPTIONS, check_choice, check_int, check_known, check_number
 from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, search_step
 from prunelab.pruning.schedules import compression_to_sparsity, progressive_ratios, stage_bounds
+from prunelab.pruning.training import restart_training, val_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class ADMMPruning(PruningCallback):
         retrain: ``restart`` (every retraining and every later ADMM phase starts with a fresh optimizer state and
             the cosine LR schedule restarted over its stage, as the authors' TF code retrains with a new Adam at the
             initial LR and each step of progressive ADMM is a training of its own; see
-            :meth:`PruningCallback.restart_training`) or ``continue`` (optimizer state and schedule go on).
+            :func:`prunelab.pruning.training.restart_training`) or ``continue`` (optimizer state and schedule go on).
         quantize: ``None`` or ``{bits: int | {layer: int}}`` or ``{levels_per_side: int | {layer: int}}``, with an
             optional ``share`` of the fit for the quantization phase (default 0.25).
         progressive: ``"auto"`` (default: geometric steps of ratio at most ``progressive_max_step``,
@@ -200,7 +201,7 @@ class ADMMPruning(PruningCallback):
         Groups already pruned by an earlier stage count as zero, so they are never kept again.
         """
         xs = {n: x * self.masks.masks[n] if n in self.masks.masks else x for n, x in xs.items()}
-        masks = self.allocation(self.stage_sparsity(), xs)
+        masks = self.allocator.allocation(self.stage_sparsity(), xs)
         return {n: x * masks[n] for n, x in xs.items()}
 
     @torch.no_grad()
@@ -248,16 +249,7 @@ class ADMMPruning(PruningCallback):
 
     def _restart(self, trainer: pl.Trainer) -> None:
         """Fresh optimizer state and the cosine LR restarted over what is left of this stage."""
-        self.restart_training(trainer)
-        end = self._stage_end()
-        for config in trainer.lr_scheduler_configs:
-            if type(config.scheduler) is torch.optim.lr_scheduler.CosineAnnealingLR:
-                left = (
-                    end - trainer.global_step
-                    if config.interval == "step"
-                    else math.ceil(end / self.per_epoch) - trainer.current_epoch
-                )
-                config.scheduler.T_max = max(left, 1)
+        restart_training(trainer, self.method, until=self._stage_end(), per_epoch=self.per_epoch)
 
     # ----------------------------------------------------------------- ADMM iterations
     @torch.no_grad()
@@ -333,7 +325,7 @@ class ADMMPruning(PruningCallback):
             return None
         ratio = self.ratios[self.stage]
         if self.counts_compacted and not self.layer_sparsity:
-            return self.search(min_sparsity=self.current_sparsity, compression=ratio)[0]
+            return self.allocator.search(min_sparsity=self.current_sparsity, compression=ratio)[0]
         return compression_to_sparsity(ratio)
 
     def _hard_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -346,7 +338,7 @@ class ADMMPruning(PruningCallback):
         if self.retrain == "restart":
             self._restart(trainer)
         if self.eval_after_hard_prune:
-            self.acc_after_hard_prune = self.val_accuracy(trainer, pl_module)
+            self.acc_after_hard_prune = val_accuracy(trainer, pl_module)
             if self.acc_after_hard_prune is not None:
                 pl_module.log(
                     f"{self.method}/acc_after_hard_prune", self.acc_after_hard_prune, on_step=False, on_epoch=True

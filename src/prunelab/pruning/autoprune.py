@@ -34,8 +34,8 @@ import torch
 
 from prunelab.pruning import groups
 from prunelab.pruning.allocate import allocate
-from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
-from prunelab.pruning.checks import check_choice, check_known, check_number
+from prunelab.pruning.base import PruningCallback
+from prunelab.pruning.checks import BASE_OPTIONS, check_choice, check_known, check_number
 from prunelab.pruning.schedules import cubic
 
 STES = ("leaky_relu", "identity")
@@ -104,7 +104,7 @@ class AutoPrune(PruningCallback):
 
     @torch.no_grad()
     def init_gates(self) -> None:
-        weights = self.weights()
+        weights = self.masks.weights()
         self.gates = {
             n: super(AutoPrune, self).group_scores(n, weights[n]).detach().float().clone()
             for n in sorted(self._eligible)
@@ -146,13 +146,13 @@ class AutoPrune(PruningCallback):
             if all(int(o.sum()) >= self.min_keep for o in gates.values()):
                 return gates
         masks = allocate(
-            self.weights(),
+            self.masks.weights(),
             self.gates,
             sparsity,
             self.granularity,
             self.scope,
             self.min_keep,
-            self._layer_targets(sparsity),
+            self.allocator.layer_targets(sparsity),
         )
         return {n: groups.group_mask_of(masks[n], self.granularity) for n in self.gates}
 

@@ -31,7 +31,7 @@ from prunelab.pruning import kfac, kfe, macs_target, schedules
 from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.base import PruningCallback, network_of
 from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
-from prunelab.pruning.masks import prunable_layers
+from prunelab.pruning.masks import fresh_masks, prunable_layers
 from prunelab.pruning.training import recalibrate_batchnorm, renew_optimizers
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ class EigenDamagePruning(PruningCallback):
         self._freeze_rotations(net)
         if trainer.optimizers:
             renew_optimizers(trainer)
-        self.rebind(net)
+        self.masks = fresh_masks(net)  # masks start over on the layers the network has now
         self.rounds_done = self.rounds if final else self.rounds_done + 1
         self.achieved = result.compression
         log.info(
@@ -292,7 +292,7 @@ class EigenDamagePruning(PruningCallback):
         again while that brings it closer (three times at most); :attr:`note` says when it stays off by > 2 %."""
         aim, best = target, None
         for _ in range(3):
-            reached = self.dense_macs / macs_target.compacted_macs(net, self._example())
+            reached = self.dense_macs / macs_target.compacted_macs(net, self.allocator.example())
             if best is None or abs(reached - target) < abs(best[0] - target):
                 best = (reached, result)
             if abs(reached - target) / target <= macs_target.TOLERANCE:
@@ -314,7 +314,7 @@ class EigenDamagePruning(PruningCallback):
 
     def _macs_budget(self, net: nn.Module, layers: dict[str, nn.Module]) -> kfe.MacsBudget:
         """The MACs of the network now, split into the layers to plan and the rest, on the example input."""
-        example = self._example()
+        example = self.allocator.example()
         if not self.dense_macs:
             self.dense_macs = macs_target.count_macs(net, example)
         where = kfe.positions(net, layers, example)

@@ -46,6 +46,17 @@ def check_granularity(granularity: str) -> str:
     return granularity
 
 
+def has_groups(granularity: str, index: int, count: int) -> bool:
+    """Whether layer ``index`` of ``count`` (the network's Conv2d/Linear layers in order) has groups of this
+    granularity: the classifier's outputs (``filter``) and the image input (``channel``/``column``) are not pruned
+    structurally."""
+    if granularity == "filter":
+        return index < count - 1
+    if granularity in ("channel", "column"):
+        return index > 0
+    return True
+
+
 def _dims(granularity: str) -> tuple[int, ...]:
     check_granularity(granularity)
     return _REDUCED_DIMS.get(granularity, ())  # N:M: per element, like ``weight``

@@ -37,8 +37,8 @@ import pytorch_lightning as pl
 import torch
 
 from prunelab.pruning import groups
-from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
-from prunelab.pruning.checks import check_choice, check_known, check_number
+from prunelab.pruning.base import PruningCallback
+from prunelab.pruning.checks import BASE_OPTIONS, check_choice, check_known, check_number
 from prunelab.pruning.increments import increment, live_ranks
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class IncRegPruning(PruningCallback):
     # ----------------------------------------------------------------- the core's method hooks
     def start(self, trainer: pl.Trainer) -> None:
         if not self.counts:  # fresh fit only: a resumed one keeps the counts of its checkpoint
-            self.counts = self.layer_prune_counts()
+            self.counts = self.allocator.layer_prune_counts()
         if self.A is None:
             steps = max(int(trainer.estimated_stepping_batches), 1)
             self.A = self.amplitude if self.amplitude is not None else self.lambda_max / max(self.ramp * steps, 1.0)
@@ -154,7 +154,7 @@ class IncRegPruning(PruningCallback):
             lam[live] = (lam[live] + delta).clamp(min=0.0)
             crossed = live & (lam >= self.lambda_max)
             if crossed.any():
-                self.prune_groups(name, self._choose(name, crossed, to_prune), trainer)
+                self.allocator.prune_groups(name, self._choose(name, crossed, to_prune), trainer)
 
     @torch.no_grad()
     def regularize(self, trainer: pl.Trainer | None) -> None:
@@ -186,7 +186,7 @@ class IncRegPruning(PruningCallback):
         missing = {}
         for name in self.active():
             missing[name] = self.counts[name] - self.pruned(name)
-            self.prune_groups(name, self._choose(name, self.live(name), missing[name]), trainer)
+            self.allocator.prune_groups(name, self._choose(name, self.live(name), missing[name]), trainer)
         log.warning("increg: training ended before λ pruned every group; pruned the rest by λ/rank %s", missing)
 
     # ----------------------------------------------------------------- state

@@ -352,7 +352,7 @@ def layer_structure(
 
 def fractions(callback, counts: dict[str, int]) -> dict[str, float]:
     """Prune counts per layer as the share of its groups (a ``layer_sparsity`` table the allocator meets exactly)."""
-    weights = callback.weights()
+    weights = callback.masks.weights()
     return {n: k / math.prod(groups.group_shape(weights[n], callback.granularity)) for n, k in counts.items()}
 
 
@@ -368,8 +368,8 @@ def plan_for(
     floors (``min_keep``, ``min_keep_fraction``, ``round_to``), the groups its masks prune already as the start, its
     ranking (:meth:`group_scores`, or ``scores``) in its ``scope`` (or ``scope``), MACs of the model compacted on its
     example input."""
-    example = callback._example()
-    weights = callback.weights()
+    example = callback.allocator.example()
+    weights = callback.masks.weights()
     if callback.coupled is None:
         callback.input_blocks, callback.coupled = layer_structure(
             callback.net,
@@ -385,7 +385,7 @@ def plan_for(
             )
     blocks = callback.input_blocks or {}
     if scores is None:
-        scores = callback._scores()
+        scores = callback.allocator.scores()
     scores = {n: scores[n] for n in weights if n in scores}
     names = list(weights)
     ladders, start = {}, {}

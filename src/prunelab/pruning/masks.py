@@ -134,11 +134,23 @@ class MaskSet:
     def set(self, name: str, mask: torch.Tensor) -> None:
         self.masks[name] = mask.to(dtype=torch.bool, device=self.modules[name].weight.device)
 
-    def follow(self) -> None:
-        """Move every mask to its weight's device (the model may have moved since the masks were made)."""
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The masked weights by layer name."""
+        return {n: m.weight for n, m in self.modules.items()}
+
+    def follow(self, layer_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+        """Move every mask to its weight's device (the model may have moved since the masks were made), and the
+        per-layer tensors of ``layer_tensors`` (kind → layer → tensor) too; those shaped like the weight also take its
+        dtype (per-group accumulators keep theirs)."""
         for name, module in self.modules.items():
             if self.masks[name].device != module.weight.device:
                 self.masks[name] = self.masks[name].to(module.weight.device)
+        for tensors in (layer_tensors or {}).values():
+            for name, t in list(tensors.items()):
+                weight = self.modules[name].weight
+                dtype = weight.dtype if t.is_floating_point() and t.shape == weight.shape else t.dtype
+                if t.device != weight.device or t.dtype != dtype:
+                    tensors[name] = t.to(device=weight.device, dtype=dtype)
 
     def _masked(self, names: Iterable[str] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, mask) for every masked weight and every dependent (of the layers ``names``; default all)."""
@@ -213,3 +225,10 @@ class MaskSet:
         self.masks = {name: mask.to(torch.bool) for name, mask in state.items()}
         if self.modules:
             self.bind(self.modules, self.dependents)
+
+
+def fresh_masks(model: nn.Module) -> MaskSet:
+    """All-ones masks on every Conv2d and Linear ``model`` has now (after a method replaced layers)."""
+    masks = MaskSet()
+    masks.bind(prunable_layers(model))
+    return masks

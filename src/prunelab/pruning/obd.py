@@ -152,7 +152,7 @@ class OBDPruning(PruningCallback):
         if ratio is None:
             return
         self.scores = self.saliencies(trainer)  # on the network the earlier rounds left
-        self.prune_to_compression(ratio, trainer)
+        self.allocator.prune_to_compression(ratio, trainer)
         self.scores = {}  # only needed for this allocation; the masks carry the result
         pl_module.log("prune/target_sparsity", self.current_sparsity, on_step=True, on_epoch=False)
 

@@ -35,8 +35,7 @@ import torch
 
 from prunelab import distributed
 from prunelab.pruning.admm import AUTO_GROWTH, ADMMPruning
-from prunelab.pruning.base import BASE_OPTIONS
-from prunelab.pruning.checks import check_known, check_number
+from prunelab.pruning.checks import BASE_OPTIONS, check_known, check_number
 
 
 def step_decay(k: int, M: float, r: float) -> float:

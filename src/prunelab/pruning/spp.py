@@ -31,8 +31,8 @@ import pytorch_lightning as pl
 import torch
 
 from prunelab.pruning import groups
-from prunelab.pruning.base import BASE_OPTIONS, PruningCallback
-from prunelab.pruning.checks import check_choice, check_int, check_known, check_number
+from prunelab.pruning.base import PruningCallback
+from prunelab.pruning.checks import BASE_OPTIONS, check_choice, check_int, check_known, check_number
 from prunelab.pruning.increments import SHAPES, increment, live_ranks
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class SPPPruning(PruningCallback):
         self.total_steps = int(trainer.estimated_stepping_batches)
         if self.gen is not None:  # resumed: the checkpoint brought counts, p, scores, A and the generator
             return
-        self.counts = self.layer_prune_counts()
+        self.counts = self.allocator.layer_prune_counts()
         for name in self.counts:
             weight = self.masks.modules[name].weight
             shape = groups.group_shape(weight, self.granularity)
@@ -190,7 +190,7 @@ class SPPPruning(PruningCallback):
                 order = torch.argsort(torch.where(reached, rank, rank.numel()).flatten(), stable=True)
                 pruned = torch.zeros_like(live).flatten()
                 pruned[order[: min(int(reached.sum()), to_prune)]] = True
-                self.prune_groups(name, pruned.view_as(live), trainer)
+                self.allocator.prune_groups(name, pruned.view_as(live), trainer)
 
     def transient_masks(self, trainer: pl.Trainer) -> dict[str, torch.Tensor] | None:
         """Keep-masks for this step: in every unfinished layer, keep a live group (or weight, ``element``) when a
@@ -219,7 +219,7 @@ class SPPPruning(PruningCallback):
             order = by_score[torch.argsort(-p, stable=True)]
             pruned = torch.zeros_like(live).flatten()
             pruned[order[:to_prune]] = True
-            self.prune_groups(name, pruned.view_as(live), trainer)
+            self.allocator.prune_groups(name, pruned.view_as(live), trainer)
             self.p[name][pruned.view_as(live)] = 1.0
             forced[name] = to_prune
         if forced:

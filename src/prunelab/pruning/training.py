@@ -1,7 +1,11 @@
-"""Operations on a running fit that methods share: BatchNorm statistics recomputed, and the fit carried on after a
-method replaced parameters (DDP's wrapper and the optimizers re-created through Lightning)."""
+"""Operations on a running fit that methods share: BatchNorm statistics recomputed, the fit carried on after a
+method replaced parameters (DDP's wrapper and the optimizers re-created through Lightning), a warm restart of the
+optimizers and the cosine schedule, and the validation accuracy measured in the middle of the fit."""
 
 from __future__ import annotations
+
+import logging
+import math
 
 import pytorch_lightning as pl
 import torch
@@ -9,6 +13,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from prunelab import distributed
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -68,3 +74,60 @@ def renew_optimizers(trainer: pl.Trainer) -> None:
                     opt.state[p] = state[p]
     for config, saved in zip(trainer.lr_scheduler_configs, scheduled):
         config.scheduler.load_state_dict(saved)
+
+
+def example_input_of(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+    """One all-zeros input of the fit's shape: from a datamodule with ``num_channels`` and ``image_size``, else from
+    the LightningModule's ``example_input_array`` (Lightning's own convention); ``None`` when neither says."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "num_channels"):
+        return torch.zeros((1, datamodule.num_channels, datamodule.image_size, datamodule.image_size))
+    if getattr(pl_module, "example_input_array", None) is not None:
+        return torch.zeros_like(pl_module.example_input_array[:1])
+    return None
+
+
+def restart_training(trainer: pl.Trainer, method: str, until: int | None = None, per_epoch: int = 1) -> None:
+    """Go on as a fresh training run of the pruned network would: every optimizer's state (moments, step counts)
+    is cleared and a cosine LR schedule restarts at its initial LR over the epochs (or steps) left until step
+    ``until`` (default: the end of the fit; ``per_epoch`` steps make an epoch), a warm restart (Loshchilov & Hutter
+    2017, arXiv 1608.03983). Other schedulers go on as they were, with a warning naming ``method``."""
+    for optimizer in trainer.optimizers:
+        optimizer.state.clear()
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if type(scheduler) is not torch.optim.lr_scheduler.CosineAnnealingLR:
+            log.warning(
+                "%s: the retraining goes on with %s as it was (only a cosine schedule is restarted)",
+                method,
+                type(scheduler).__name__,
+            )
+            continue
+        if config.interval == "step":
+            left = (int(trainer.estimated_stepping_batches) if until is None else until) - trainer.global_step
+        else:
+            left = (int(trainer.max_epochs) if until is None else math.ceil(until / per_epoch)) - trainer.current_epoch
+        scheduler.T_max, scheduler.last_epoch = max(left, 1), 0
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(scheduler.base_lrs)  # what get_last_lr() reports
+
+
+@torch.no_grad()
+def val_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+    """Accuracy (fraction) on the validation set now, without touching the training run's random stream."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        return None
+    rng, was_training = torch.get_rng_state(), pl_module.training
+    pl_module.eval()
+    precision = trainer.precision_plugin  # the run's input dtype and autocast, as in Lightning's own loops
+    correct = total = 0
+    for x, y in datamodule.val_dataloader():
+        x, y = precision.convert_input(x.to(pl_module.device)), y.to(pl_module.device)
+        with precision.val_step_context():
+            correct += int((pl_module(x).argmax(1) == y).sum())
+        total += y.numel()
+    pl_module.train(was_training)
+    torch.set_rng_state(rng)
+    return correct / max(total, 1)
