@@ -31,8 +31,8 @@ import torch
 from prunelab.pruning import groups
 from prunelab.pruning.base import PruningCallback
 from prunelab.pruning.checks import BASE_OPTIONS, check_choice, check_int, check_known, check_number
-from prunelab.pruning.quantize import QuantSpec, quantize, save_quantized, search_step
-from prunelab.pruning.schedules import compression_to_sparsity, progressive_ratios, stage_bounds
+from prunelab.pruning.quantize import QuantSpec, project_levels, quantize, save_quantized, search_step
+from prunelab.pruning.schedules import compression_to_sparsity, growth_to, progressive_ratios, stage_layout
 from prunelab.pruning.training import restart_training, val_accuracy
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,6 @@ class ADMMPruning(PruningCallback):
     def kind(self) -> str:
         return self.kinds[self.stage]
 
-    def constrained(self) -> list[str]:
-        """Layers with a Z/U pair: those pruned at this granularity, every pruned layer in the quantize stage."""
-        return [n for n in self.masks.modules if self.kind == QUANTIZE or n in self._eligible]
-
     def stage_sparsity(self) -> float:
         """The sparsity Π keeps in this stage: the target's in the last prune stage (and after it)."""
         if self.stage >= len(self.ratios) - 1 or self.target_sparsity is None:
@@ -204,52 +200,28 @@ class ADMMPruning(PruningCallback):
         masks = self.allocator.allocation(self.stage_sparsity(), xs)
         return {n: x * masks[n] for n, x in xs.items()}
 
-    @torch.no_grad()
-    def project_levels(self, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Q: every nonzero to its nearest nonzero level, zeros stay zero (ADMM-NN's clustering projection)."""
-        return {n: quantize(x, self.q[n], self.quant.levels(n)) for n, x in xs.items()}
-
     def _constrained_weights(self) -> dict[str, torch.Tensor]:
-        return {n: self.masks.modules[n].weight.detach() for n in self.constrained()}
+        """Weights of the layers with a Z/U pair: those pruned at this granularity, every pruned layer in the
+        quantize stage."""
+        modules = self.masks.modules
+        return {n: modules[n].weight.detach() for n in modules if self.kind == QUANTIZE or n in self._eligible}
 
     # ----------------------------------------------------------------- schedule
-    def _schedule(self, trainer: pl.Trainer) -> None:
-        """Stage bounds from the fit's length: the prune stages share it in proportion to the doublings of their
-        ratios (log2 r_i, what the auto budget gives a one-shot prune to r_i: the later, harder steps get more), a
-        quantize stage takes its ``share`` of it; ρ's growth for the stage now."""
-        self.total = int(trainer.estimated_stepping_batches)
-        shares = [math.log2(r) for r in self.ratios]
-        if self.quant is not None:
-            shares.append(self.quant.share / (1.0 - self.quant.share) * sum(shares))
-        if self.update_unit == "epochs":
-            epochs = max(int(trainer.max_epochs or 1), 1)
-            self.per_epoch = max(self.total // epochs, 1)
-            self.period = self.update_every * self.per_epoch
-            self.bounds = stage_bounds(epochs, shares, self.admm_fraction, self.per_epoch, nearest=True)
-        else:
-            self.per_epoch = max(self.total // max(int(trainer.max_epochs or 1), 1), 1)
-            self.period = self.update_every
-            self.bounds = stage_bounds(self.total, shares, self.admm_fraction)
-        self.growth = self._growth()
-
     def _growth(self) -> float:
+        """ρ's factor per update in this stage (``auto``: ``rho`` to ``rho_max`` at its last update)."""
         if self.rho_growth != AUTO_GROWTH:
             return self.rho_growth
-        start, hard = self.bounds[self.stage]  # updates at start + period, start + 2·period, … before the hard event
-        updates = len(range(start + self.period, hard, self.period))
-        return (self.rho_max / self.rho0) ** (1.0 / max(updates, 1))
+        return growth_to(self.rho0, self.rho_max, self.bounds[self.stage], self.period)
 
     @property
     def hard_prune_step(self) -> int:
         """Step of the last prune stage's hard prune."""
         return self.bounds[len(self.ratios) - 1][1] if self.bounds else 0
 
-    def _stage_end(self) -> int:
-        return self.bounds[self.stage + 1][0] if self.stage + 1 < len(self.bounds) else self.total
-
     def _restart(self, trainer: pl.Trainer) -> None:
         """Fresh optimizer state and the cosine LR restarted over what is left of this stage."""
-        restart_training(trainer, self.method, until=self._stage_end(), per_epoch=self.per_epoch)
+        end = self.bounds[self.stage + 1][0] if self.stage + 1 < len(self.bounds) else self.total
+        restart_training(trainer, self.method, until=end, per_epoch=self.per_epoch)
 
     # ----------------------------------------------------------------- ADMM iterations
     @torch.no_grad()
@@ -258,20 +230,18 @@ class ADMMPruning(PruningCallback):
         w = self._constrained_weights()
         if self.kind == QUANTIZE:
             self.q = {n: search_step(w[n], self.quant.levels(n)) for n in w}
-            self.Z = self.project_levels(w)
+            self.Z = project_levels(w, self.q, self.quant)
         else:
             self.Z = self.project(w)
         self.U = {n: torch.zeros_like(x) for n, x in w.items()}
-
-    def z_step(self, xs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.project_levels(xs) if self.kind == QUANTIZE else self.project(xs)
 
     @torch.no_grad()
     def admm_update(self) -> dict[str, float]:
         """One ADMM iteration (paper eqs. 8–9): Z ← Π(W + U), then U ← U + W − Z with the new Z; then ρ grows
         (optional), with the scaled dual rescaled by ρ_old/ρ_new (Boyd et al. 2011 §3.4.1)."""
         w = self._constrained_weights()
-        z = self.z_step({n: w[n] + self.U[n] for n in w})
+        xs = {n: w[n] + self.U[n] for n in w}
+        z = project_levels(xs, self.q, self.quant) if self.kind == QUANTIZE else self.project(xs)
         z_change = math.sqrt(sum(float((z[n] - self.Z[n]).square().sum()) for n in w))
         for n in w:
             self.U[n].add_(w[n] - z[n])
@@ -351,7 +321,17 @@ class ADMMPruning(PruningCallback):
         return self.stage == len(self.kinds) - 1 and self.stage_hard
 
     def start(self, trainer: pl.Trainer) -> None:
-        self._schedule(trainer)
+        # stage bounds from the fit's length: the prune stages share it in proportion to the doublings of their
+        # ratios (log2 r_i, what the auto budget gives a one-shot prune to r_i: the later, harder steps get more), a
+        # quantize stage takes its ``share`` of it
+        self.total = int(trainer.estimated_stepping_batches)
+        shares = [math.log2(r) for r in self.ratios]
+        if self.quant is not None:
+            shares.append(self.quant.share / (1.0 - self.quant.share) * sum(shares))
+        self.per_epoch, self.period, self.bounds = stage_layout(
+            self.total, trainer.max_epochs, shares, self.admm_fraction, self.update_every, self.update_unit
+        )
+        self.growth = self._growth()
         if self.stage == 0 and not self.stage_hard and not self.Z:  # a fresh fit (a resume keeps its Z/U)
             self.target_sparsity = self._target_sparsity()
             self.init_admm()

@@ -133,3 +133,10 @@ def save_quantized(net: nn.Module, path: str | os.PathLike, steps: dict[str, tup
 def load_quantized(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Inverse of :func:`save_quantized`: the state dict, zeros and levels restored exactly."""
     return load_encoded(path)
+
+
+@torch.no_grad()
+def project_levels(xs: dict[str, torch.Tensor], steps: dict[str, float], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Q: every nonzero of every layer to its nearest nonzero level, zeros stay zero (ADMM-NN's clustering
+    projection), with each layer's step of ``steps`` and its levels of ``spec``."""
+    return {n: quantize(x, steps[n], spec.levels(n)) for n, x in xs.items()}

@@ -87,3 +87,25 @@ def stage_bounds(
         hard = start + (int(round(length)) if nearest else int(length))
         bounds.append((start * unit_steps, hard * unit_steps))
     return bounds
+
+
+def stage_layout(
+    total: int, max_epochs: int | None, shares: list[float], fraction: float, update_every: int, unit: str
+) -> tuple[int, int, list[tuple[int, int]]]:
+    """``(steps per epoch, update period in steps, (start, hard) of every stage)`` of a staged fit of ``total``
+    optimizer steps over ``max_epochs`` epochs (:func:`stage_bounds`): with ``unit="epochs"`` the stages fall on
+    whole epochs and the period is ``update_every`` epochs, else the period is ``update_every`` steps."""
+    per_epoch = max(total // max(int(max_epochs or 1), 1), 1)
+    if unit == "epochs":
+        epochs = max(int(max_epochs or 1), 1)
+        return per_epoch, update_every * per_epoch, stage_bounds(epochs, shares, fraction, per_epoch, nearest=True)
+    return per_epoch, update_every, stage_bounds(total, shares, fraction)
+
+
+def growth_to(start: float, end: float, bound: tuple[int, int], period: int) -> float:
+    """The factor per update that takes a value from ``start`` to ``end`` at the last update of a stage
+    ``bound = (start step, hard step)``, updates coming every ``period`` steps after its start and before its hard
+    event."""
+    first, hard = bound
+    updates = len(range(first + period, hard, period))
+    return (end / start) ** (1.0 / max(updates, 1))
