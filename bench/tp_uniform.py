@@ -52,7 +52,7 @@ class TorchPruningUniform(PruningCallback):
         with torch.enable_grad():  # Torch-Pruning traces the graph through autograd
             pruner = tp.pruner.MetaPruner(
                 net,
-                self._example(),
+                self.allocator.example(),
                 importance=tp.importance.MagnitudeImportance(p=2),
                 pruning_ratio=ratio,
                 ignored_layers=[classifier],
@@ -69,7 +69,7 @@ class TorchPruningUniform(PruningCallback):
         }
 
     def _reached(self, masks: dict[str, torch.Tensor]) -> float:
-        example = self._example()
+        example = self.allocator.example()
         dense = macs_target.count_macs(self.net, example)
         return dense / macs_target.compacted_cost(self.net, masks, self.masks.dependents, example, "macs", list(masks))
 
