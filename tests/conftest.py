@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prunelab.train import CONF_DIR
 
@@ -97,6 +97,15 @@ def make_cfg(tmp_path, cache_root, monkeypatch):
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+def method_config(method: str) -> DictConfig:
+    """``conf/pruning/<method>.yaml`` as ``pruning=<method>`` composes it (its defaults list merged in), on its own."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"pruning={method}"])
+    GlobalHydra.instance().clear()
+    return OmegaConf.create(OmegaConf.to_container(cfg.pruning))
 
 
 def runs_in(tmp_path: Path, experiment: str = "prunelab") -> list:

@@ -10,14 +10,13 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import method_config
 from prunelab.measure import measure
 from prunelab.models.classifier import Classifier
 from prunelab.models.factory import torchvision_model
 from prunelab.pruning import METHODS
-from prunelab.train import CONF_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,7 @@ def network(family: str) -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["resnet18", "mobilenet_v2", "vit"])
 def test_method_on_a_library_network(family, method, tmp_path):
     net, dense = network(family), network(family)
-    pruning = instantiate(OmegaConf.load(f"{CONF_DIR}/pruning/{method}.yaml"), compression=4)
+    pruning = instantiate(method_config(method), compression=4)
     if (family, method) in REFUSED:
         with pytest.raises(ValueError, match=REFUSED[family, method]):
             pruning.validate(net, EXAMPLE)

@@ -5,7 +5,6 @@ an allocation that keeps every layer alive; collapse against the dense model."""
 
 import copy
 from functools import partial
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -14,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import method_config
 from prunelab import collapse
 from prunelab.data import DigitsDataModule
 from prunelab.measure import count_macs
@@ -25,7 +25,6 @@ from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.kfac import Factors
 from prunelab.pruning.macs_target import compacted_macs
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "pruning"
 FAST = {"fisher_batches": 2}  # OBD and EigenDamage: Fisher passes over two batches
 # (config, overrides): every structured method at each of its granularities that remove channels
 METHODS = {
@@ -44,9 +43,7 @@ METHODS = {
 
 def _pruning(name: str, compression: float = 4):
     config, extra = METHODS[name]
-    cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / f"{config}.yaml"), {"compression": compression, "target": "macs", **extra}
-    )
+    cfg = OmegaConf.merge(method_config(config), {"compression": compression, "target": "macs", **extra})
     return instantiate(cfg)
 
 
@@ -154,9 +151,7 @@ def test_default_allocation_keeps_every_layer_alive_where_global_starves_one(gra
     magnitude ranking cuts the fc layers to a unit or two to reach the convolutions' MACs."""
     torch.manual_seed(0)
     net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
-    cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / "magnitude.yaml"), {"compression": 4, "target": "macs", "granularity": granularity}
-    )
+    cfg = OmegaConf.merge(method_config("magnitude"), {"compression": 4, "target": "macs", "granularity": granularity})
     kept = {}
     for scope in ("auto", "global"):
         pruning = instantiate(OmegaConf.merge(cfg, {"scope": scope}))
