@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import method_config
+from conftest import method_config, runs_in
 from prunelab import collapse
 from prunelab.data import DigitsDataModule
 from prunelab.measure import count_macs
@@ -24,6 +24,7 @@ from prunelab.pruning import MagnitudePruning, groups, kfe
 from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.kfac import Factors
 from prunelab.pruning.macs_target import compacted_macs
+from prunelab.train import train
 
 FAST = {"fisher_batches": 2}  # OBD and EigenDamage: Fisher passes over two batches
 # (config, overrides): every structured method at each of its granularities that remove channels
@@ -213,3 +214,12 @@ def test_a_small_drop_is_not_a_collapse():
         net, ["conv1", "fc1"], torch.zeros(1, 1, 28, 28), test_acc=80.0, num_classes=10, dense_acc=95.6
     )
     assert not verdict.collapsed
+
+
+def test_the_run_records_the_macs_ratio_reached_as_a_tag(make_cfg, tmp_path):
+    train(
+        make_cfg("pruning.granularity=filter", "pruning.target=macs", "pruning.compression=2", "measure.latency=false")
+    )
+    (run,) = runs_in(tmp_path)
+    assert run.data.tags["target_reached"] == f"{run.data.metrics['macs_reduction']:.4g}"
+    assert abs(float(run.data.tags["target_reached"]) - 2) / 2 <= 0.02 and "target_note" not in run.data.tags

@@ -233,6 +233,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 int(cfg.finetune.epochs),
             )
             test_acc, step = _fit_pruning(cfg, parts, run)
+            run.set_tags(parts.pruning.allocator.tags())  # target=macs: the ratio reached, and why if off
             prunable = parts.pruning.layer_names  # as built: a replaced layer is measured against its dense self
         else:
             test_acc = dense_acc
