@@ -138,7 +138,11 @@ def test_kill9_then_resume_continues_the_same_run_with_identical_masks(dense_cac
 
 
 @pytest.mark.parametrize(
-    "signum, status", [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)]
+    "signum, status",
+    [
+        pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+    ],
 )
 def test_signal_stops_the_run_killed_with_a_checkpoint_and_nonzero_exit(
     dense_cached, cache_root, tmp_path, signum, status

@@ -184,6 +184,7 @@ def _nets():
     }
 
 
+@pytest.mark.slow  # a fresh interpreter per network, ~15 s
 def test_logged_model_is_a_module_that_loads_without_prunelab(tmp_path):
     """``mlflow.pytorch.load_model`` gives an nn.Module (``.eval()``, ``.to()``, ``.state_dict()``, forward at any
     batch size) with the logged net's weights and logits, in a process where prunelab does not import: a plain

@@ -43,6 +43,7 @@ class RunData(pl.LightningDataModule):
 CUSTOM = ["data=custom", f"data._target_={__name__}.RunData", "model=lenet5", "pruning.compression=4"]
 
 
+@pytest.mark.slow  # the real CLI on a user's datamodule, ~9 s
 def test_a_run_on_a_foreign_datamodule_reads_its_shape_and_records_it(make_cfg, tmp_path, capsys):
     metrics = train(make_cfg(*CUSTOM, "measure.onnx=true"))
     assert metrics["compression"] == pytest.approx(4.0, rel=0.02)

@@ -50,6 +50,7 @@ def test_a_tracking_uri_mlflow_cannot_record_in_names_the_variable(make_cfg, tmp
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # the real CLI in a subprocess, ~10 s
 def test_an_unwritable_prunelab_root_fails_in_one_line_before_hydra(tmp_path):
     env = {**os.environ, "PRUNELAB_ROOT": "/proc/forbidden"}
     proc = subprocess.run(

@@ -123,7 +123,8 @@ def test_dead_server_fails_fast_with_one_message():
         ensure_experiment(uri, "prunelab", connect_timeout=2)
 
 
-@pytest.mark.parametrize("multirun", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # the CLI against a dead server in a subprocess, ~12 s each
+@pytest.mark.parametrize("multirun", [False, True])
 def test_cli_against_a_dead_server_exits_nonzero_at_once(tmp_path, multirun):
     uri = f"http://127.0.0.1:{free_port()}"
     cmd = [

@@ -37,6 +37,7 @@ def _sweep(tmp_path, *overrides):
     return proc, parent, children
 
 
+@pytest.mark.slow  # a 4-job Hydra multirun in a subprocess, ~25 s
 def test_two_by_two_sweep_has_one_parent_and_tagged_children(tmp_path):
     proc, parent, children = _sweep(tmp_path, "pruning.compression=2,4", "seed=0,1")
     assert len(children) == 4

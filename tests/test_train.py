@@ -139,6 +139,7 @@ def test_unknown_names_and_typos_list_the_choices(make_cfg, override, message):
         make_cfg(override)
 
 
+@pytest.mark.slow  # the real CLI in a subprocess; the in-process composition errors are checked above
 def test_cli_bad_name_exits_nonzero_and_creates_no_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "prunelab.train", "data=nope", f"paths.root_dir={tmp_path}"],
