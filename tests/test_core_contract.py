@@ -67,16 +67,7 @@ CASES = {
 }
 NAMES = sorted(METHODS)
 # A contract a method does not meet yet: (test, method) → why. Strict: once it holds, the entry must go.
-_EXAMPLE_DTYPE = (
-    "the example input used to count the compacted model stays float32 while the model is float64 "
-    "(PruningCallback.on_train_start moves it to the model's device, not its dtype)"
-)
-KNOWN = {
-    ("float64", "increg"): _EXAMPLE_DTYPE,
-    ("float64", "obd"): _EXAMPLE_DTYPE,
-    ("float64", "spp"): _EXAMPLE_DTYPE,
-    ("float64 resume", "obd"): _EXAMPLE_DTYPE,
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _names(test: str) -> list:

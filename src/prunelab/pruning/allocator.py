@@ -272,13 +272,14 @@ class Allocator:
             out["target_note"] = cb.note[:5000]
         return out
 
-    def start(self, device: torch.device) -> None:
-        """When training starts: the example input on the model's device, and under :attr:`counts_compacted` the
-        final sparsity calibrated on the ranking then (once: a resume keeps it; not for an explicit table, nor for a
-        method that ranks only at its own pruning event)."""
+    def start(self, device: torch.device, dtype: torch.dtype) -> None:
+        """When training starts: the example input on the model's device and in its floating dtype, and under
+        :attr:`counts_compacted` the final sparsity calibrated on the ranking then (once: a resume keeps it; not
+        for an explicit table, nor for a method that ranks only at its own pruning event)."""
         cb = self.cb
         if cb.counts_compacted or cb.target == "macs":
-            cb.example_input = self.example().to(device)
+            x = self.example()
+            cb.example_input = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
         if cb.counts_compacted and not cb._calibrated and cb.ranks_at_start and not cb.layer_sparsity:
             self.calibrate()
             cb._calibrated = True

@@ -216,7 +216,7 @@ class PruningCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.masks.follow(self.layer_tensors())
         self.masks.apply()  # on resume the loaded masks are re-imposed before the first step
-        self.allocator.start(pl_module.device)
+        self.allocator.start(pl_module.device, pl_module.dtype)
         self.start(trainer)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
