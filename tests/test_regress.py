@@ -47,8 +47,9 @@ def _gate(tmp_path, baseline, *extra):
             str(baseline),
             "--grid",
             "regress",
-            *extra,
-            "--",
+            *(e for e in extra if e.startswith("--")),
+            "--",  # --grid takes one or more names: overrides go after --
+            *(e for e in extra if not e.startswith("--")),
             *GRID,
         ],
         capture_output=True,
