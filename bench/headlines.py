@@ -188,7 +188,7 @@ def steps_of(runs, ratio: float) -> str:
         return ""
     else:
         ratios = [float(x) for x in mode.strip("[]").split(",")]
-    return f" (steps {', '.join(f'{x:.3g}×' for x in ratios)})" if len(ratios) > 1 else ""
+    return f" (steps {', '.join(f'{x:.3g}×' if x < 1000 else f'{x:,.0f}×' for x in ratios)})" if len(ratios) > 1 else ""
 
 
 def fmt(values: list[float]) -> str:
