@@ -225,7 +225,6 @@ def main() -> None:
         for cell in args.cells:
             for variant in args.methods:
                 run(cell, variant, args, env)
-    sys.path.insert(0, str(ROOT / "src"))
     runs = load(root)
     if runs.empty:
         raise SystemExit("no runs recorded")
