@@ -234,6 +234,31 @@ def wait_until_answering(base: str, server: subprocess.Popen, timeout: float = 6
     return False
 
 
+# One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
+# No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
+def server_env() -> dict[str, str]:
+    """This process's environment with MLflow's job runner off."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_command(uri: str, port: int) -> list[str]:
+    """``mlflow server`` on ``uri`` at 127.0.0.1:``port``, one worker."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     """``make ui``: start ``mlflow server``, add the UI tags to the store's experiments, and print the page to open
     once the server answers."""
@@ -252,25 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     base = f"http://127.0.0.1:{args.port}"
     # no address yet: a click on it before the server answers would get "connection refused"
     print(f"prunelab-ui: starting MLflow for {uri} on port {args.port} (one worker, no job runner) ...", flush=True)
-    # One worker: the UI is for one person, and every worker costs a start-up of MLflow (several seconds of CPU).
-    # No job runner: MLflow's background jobs serve GenAI evaluation, which prunelab does not use.
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
+    server = subprocess.Popen(server_command(uri, args.port), env=server_env())
     signal.signal(signal.SIGTERM, lambda *_: server.terminate())
     try:
         fresh = uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists()

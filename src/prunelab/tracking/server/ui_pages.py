@@ -9,14 +9,13 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from prunelab.tracking.server.ui import UI_PARAMS, VIEW_NAME, view_url
+from prunelab.tracking.server.ui import UI_PARAMS, VIEW_NAME, server_command, server_env, view_url
 
 CHROMIUM = os.environ.get("PRUNELAB_CHROMIUM", "/usr/bin/chromium")
 # No background traffic (the machine may have no network) and no first-run or sandbox set-up.
@@ -53,21 +52,7 @@ def free_port() -> int:
 def serve(uri: str, port: int | None = None, timeout: float = 180.0) -> Iterator[str]:
     """Run ``mlflow server`` on ``uri`` as ``make ui`` does (one worker, no job runner); yield its base URL."""
     port = port or free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    env, command = server_env(), server_command(uri, port)
     with tempfile.TemporaryFile() as output:
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
