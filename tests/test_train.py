@@ -86,6 +86,23 @@ def test_summary_says_when_compaction_removes_more_than_the_masks():
     assert line.startswith(" compression") and line.endswith("17.25× after compaction")
 
 
+def test_summary_hints_round_to_when_onnx_runtime_is_slower_on_unaligned_channels():
+    params = {"method": "magnitude", "granularity": "channel", "dataset": "d", "model": "m", "seed": "0"}
+    params |= {"compression_target": "2", "pruning.round_to": "auto"}
+    metrics = dict.fromkeys(("compression", "dense_test_acc", "test_acc", "acc_drop", "params", "params_nonzero"), 1.0)
+    metrics |= dict.fromkeys(("macs", "dense_macs", "macs_reduction", "bytes_stored", "bytes_dense"), 1.0)
+    metrics |= {"sparsity": 0.5, "storage_compression": 1.0, "latency_onnx_b64_ms": 2.0}
+
+    def hinted(p, **m):
+        return "pruning.round_to=8" in summary(p, {**metrics, **m}, "r", "u")
+
+    assert hinted(params, speedup_onnx_b64=0.4)
+    assert not hinted(params, speedup_onnx_b64=1.3)  # faster: nothing to say
+    assert not hinted({**params, "pruning.round_to": "8"}, speedup_onnx_b64=0.9)  # already aligned
+    assert not hinted({**params, "granularity": "weight"}, speedup_onnx_b64=0.9)  # channel counts unchanged
+    assert not hinted(params)  # ONNX not measured
+
+
 def test_dense_baseline_trained_once_and_reused(make_cfg, tmp_path):
     first = train(make_cfg("pruning.compression=2", "seed=7"))
     second = train(make_cfg("pruning.compression=16", "seed=7"))

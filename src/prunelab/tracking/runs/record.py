@@ -87,6 +87,14 @@ def _fmt_int(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _onnx_slower_unaligned(params: dict[str, str], m: dict[str, float]) -> bool:
+    """A network pruned by filters or channels with no ``round_to`` that ONNX Runtime runs slower than the dense one:
+    its NCHWc kernels take a convolution only when the channel counts are multiples of the block size."""
+    speedups = [m[k] for k in ("speedup_onnx_b64", "speedup_onnx_b1") if k in m]
+    aligned = str(params.get("pruning.round_to", "")).isdigit()
+    return params.get("granularity") in ("filter", "channel") and bool(speedups) and speedups[0] < 1 and not aligned
+
+
 def _compacted(m: dict[str, float]) -> str:
     """The compacted model's compression, where compaction removed more than 2 % beyond the masks (filter pruning
     also removes the next layer's inputs from the pruned filters)."""
@@ -133,5 +141,10 @@ def summary(
             lines.append(f" latency {label}  " + "   ".join(parts))
     if "onnx_max_abs_diff" in m:
         lines.append(f" ONNX          weights/model.onnx, logits within {m['onnx_max_abs_diff']:.1e} of PyTorch")
+    if _onnx_slower_unaligned(params, m):
+        lines.append(
+            " hint          ONNX Runtime's fast CPU convolutions take channel counts in blocks of 8 (AVX2) or 16"
+            " (AVX-512): pruning.round_to=8 (docs/own-model.md)"
+        )
     lines += ["-" * 72, f" MLflow run {run_id}", f"   store {uri}", f"   browse: {link or 'make ui'}", "=" * 72]
     return "\n".join(lines)
