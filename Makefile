@@ -28,8 +28,8 @@ venv: $(STAMP) ## create the virtual environment (pinned by constraints.txt) if 
 train: $(STAMP) ## run the main job: mnist5k + lenet5 + gradual magnitude pruning at 8×, recorded in MLflow (ARGS=overrides)
 	$(PY) -m prunelab.train $(ARGS)
 
-test: $(STAMP) ## run the tests (without the slow ones)
-	$(PY) -m pytest -q -p no:cacheprovider
+test: $(STAMP) ## run the tests (without the slow ones), one pytest-xdist worker per CPU core
+	$(PY) -m pytest -q -p no:cacheprovider -n auto
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -q -p no:cacheprovider -m slow
