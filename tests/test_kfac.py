@@ -85,6 +85,41 @@ def test_true_fisher_labels_come_from_the_generator_and_the_pass_leaves_no_trace
     assert not net[0]._forward_pre_hooks and not net[0]._backward_hooks  # hooks removed
 
 
+class _RankOfTwo:
+    """Stand-in for the trainer of one rank of a two-process fit: sums over ranks are left as they are; a broadcast
+    from rank 0 gives ``rank0_state``."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, rank0_state: torch.Tensor):
+        self.global_rank, self.rank0_state = rank, rank0_state
+        self.strategy = self
+
+    def reduce(self, tensor, reduce_op):
+        return tensor
+
+    def broadcast(self, obj, src=0):
+        return self.rank0_state
+
+
+def test_ranks_draw_their_own_true_fisher_labels_and_end_with_rank_0s_generator():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    batches = [(torch.randn(64, 6), torch.zeros(64, dtype=torch.long))]
+
+    def g_factor(generator, trainer=None):
+        return kfac.collect_factors(net, {"0": net[0]}, batches, trainer=trainer, generator=generator)["0"].G
+
+    one = torch.Generator().manual_seed(0)
+    alone = g_factor(one)  # one process: the shared generator draws, as it always did
+    rank0_state = one.get_state()
+    zero, first = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(g_factor(zero, _RankOfTwo(0, rank0_state)), alone)  # rank 0 draws as one process does
+    # rank 1, with the same generator state, draws other labels for its shard (here the same batch, to compare)
+    assert not torch.equal(g_factor(first, _RankOfTwo(1, rank0_state)), alone)
+    assert torch.equal(first.get_state(), rank0_state)  # and leaves with rank 0's state: the method state agrees
+
+
 def test_ill_conditioned_factors_never_give_nan():
     gen = torch.Generator().manual_seed(4)
     layer = nn.Linear(12, 9).double()

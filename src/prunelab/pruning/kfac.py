@@ -18,6 +18,7 @@ a backward hook sees is already the per-example one; the model runs in eval mode
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -213,6 +214,26 @@ def backprop_pass(
     return count
 
 
+def _summed_pass(net, modules, batches, on_layer, sums, trainer: pl.Trainer | None, pass_kwargs: dict) -> int:
+    """:func:`backprop_pass` on this rank's shard, then ``sums`` and the example count summed over the ranks.
+
+    Sampled labels (``fisher_type="true"``) come from the shared ``generator`` on rank 0, so a run of one process
+    draws as it always did; any other rank draws from a generator seeded by the shared one's state and its rank, so
+    the ranks' draws are independent, as one process's draws over the whole data are (with one stream on every rank,
+    the ranks' unlikely labels fall at the same positions of their shards and the summed Fisher is noisier). The
+    shared generator then takes rank 0's state on every rank, so the method's state stays identical."""
+    shared = pass_kwargs.get("generator")
+    rank = int(getattr(trainer, "global_rank", 0))
+    if shared is not None and rank > 0:
+        key = hashlib.sha256(shared.get_state().numpy().tobytes() + rank.to_bytes(4, "little")).digest()
+        seed = int.from_bytes(key[:8], "little") >> 1
+        pass_kwargs = {**pass_kwargs, "generator": torch.Generator().manual_seed(seed)}
+    count = backprop_pass(net, modules, batches, on_layer, **pass_kwargs)
+    if shared is not None and distributed.world_size(trainer) > 1:
+        shared.set_state(trainer.strategy.broadcast(shared.get_state(), src=0))
+    return _total(count, sums, trainer)
+
+
 def _total(count: int, sums: dict[str, list[torch.Tensor]], trainer: pl.Trainer | None) -> int:
     """Sum ``sums`` (in place) and the example count over the ranks of ``trainer``'s fit; return the count."""
     if distributed.world_size(trainer) == 1:
@@ -240,7 +261,7 @@ def collect_factors(
         moments = (input_moment(module, x, patch), output_moment(module, g))
         sums[name] = list(moments) if name not in sums else [s + m for s, m in zip(sums[name], moments)]
 
-    n = _total(backprop_pass(net, modules, batches, add, **pass_kwargs), sums, trainer)
+    n = _summed_pass(net, modules, batches, add, sums, trainer, pass_kwargs)
     if n == 0:
         raise ValueError("K-FAC needs at least one batch of training data")
     return {name: Factors(a / n, g / n) for name, (a, g) in sums.items()}
@@ -257,7 +278,7 @@ def collect_diagonal(
         squares = square_grad(module, x, g)
         sums[name] = squares if name not in sums else [s + q for s, q in zip(sums[name], squares)]
 
-    n = _total(backprop_pass(net, modules, batches, add, **pass_kwargs), sums, trainer)
+    n = _summed_pass(net, modules, batches, add, sums, trainer, pass_kwargs)
     if n == 0:
         raise ValueError("the diagonal Fisher needs at least one batch of training data")
     return {name: [s / n for s in squares] for name, squares in sums.items()}
