@@ -220,7 +220,7 @@ def _summed_pass(net, modules, batches, on_layer, sums, trainer: pl.Trainer | No
     Sampled labels (``fisher_type="true"``) come from the shared ``generator`` on rank 0, so a run of one process
     draws as it always did; any other rank draws from a generator seeded by the shared one's state and its rank, so
     the ranks' draws are independent, as one process's draws over the whole data are (with one stream on every rank,
-    the ranks' unlikely labels fall at the same positions of their shards and the summed Fisher is noisier). The
+    the draws of different ranks are correlated: an unlikely label falls at the same position of every shard). The
     shared generator then takes rank 0's state on every rank, so the method's state stays identical."""
     shared = pass_kwargs.get("generator")
     rank = int(getattr(trainer, "global_rank", 0))
