@@ -288,6 +288,29 @@ def test_plan_meets_every_reachable_target_and_keeps_the_top_directions(normaliz
                     assert scores[dropped].max() <= scores[kept].min()  # a side keeps its best directions
 
 
+def test_lamp_per_mac_plan_cuts_the_costlier_layer_first():
+    """Under a MACs budget where every direction of fc2 costs eight times what it would in one position, LAMP scores
+    per MAC leave fc2 fewer directions and fc1 more than LAMP scores alone do (at 4×: fc1 whole, fc2 12 + 18 against
+    19 + 32 and 15 + 18); both meet the ratio."""
+    net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
+    layers = {"fc1": net.fc1, "fc2": net.fc2}
+    factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))
+    kfes = {n: kfe.decompose(m, factors[n]) for n, m in layers.items()}
+    fixed, where = kfe.layer_macs(net.fc3, (1, 1)), {"fc1": (1, 1), "fc2": (8, 8)}
+    budget = kfe.MacsBudget(fixed + sum(kfe.layer_macs(layers[n], where[n]) for n in layers), fixed, where)
+
+    def kept(normalize):
+        plan = kfe.plan(kfes, 0, 0, 4, 0.99, normalize, budget)
+        assert abs(plan.compression - 4) / 4 < 0.02
+        whole = {n: (kfes[n].in_scores, kfes[n].out_scores) for n in layers}  # a layer not replaced keeps all
+        return {n: sum(map(len, plan.keep.get(n, whole[n]))) for n in layers}
+
+    plain, per_mac = kept("lamp"), kept("lamp_per_mac")
+    assert per_mac["fc2"] < plain["fc2"] and per_mac["fc1"] > plain["fc1"]
+    with pytest.raises(ValueError, match="lamp_per_mac"):
+        kfe.plan(kfes, 0, 1, 2, 0.99, "lamp_per_mac")
+
+
 def test_lamp_plan_does_not_depend_on_a_layers_score_scale():
     """A layer whose Fisher is 10⁶ times smaller loses its directions first under the raw threshold (up to the cap);
     LAMP scores are scale-free within a layer side, so the plan is the one of the unscaled scores."""

@@ -4,8 +4,9 @@ arXiv 1905.05934; official code alecwangcq/EigenDamage-Pytorch).
 A round: K-FAC factors of every prunable layer from one pass over the training data (:mod:`kfac`), each layer rotated
 into the eigenbasis of its factors and its input/output eigen-directions scored by the damage their removal does
 (:mod:`kfe`), one global threshold with a per-layer cap (over LAMP-normalised scores by default: the paper's raw
-scores left the LeNets' convolutions one direction), and every layer where it saves parameters replaced by
-``rotate_in → core → rotate_out`` (:class:`~prunelab.models.architecture.BottleneckLayer`). ``one_pass`` prunes once at
+scores left the LeNets' convolutions one direction; per MAC under ``target=macs``), and every layer where it saves
+parameters replaced by ``rotate_in → core → rotate_out`` (:class:`~prunelab.models.architecture.BottleneckLayer`).
+``one_pass`` prunes once at
 the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune phase, each round factoring
 the bottleneck cores again and folding the new rotations into the old ones, so depth does not grow.
 
@@ -72,9 +73,9 @@ class EigenDamagePruning(PruningCallback):
         recalibrate_bn: recompute BatchNorm statistics before every later round and after the last step.
         seed: seed of the label sampling (``None``: the run's seed).
         scope: ``lamp`` (each layer side's direction scores LAMP-normalised before the one threshold, Lee et al.
-            ICLR 2021), ``global`` (the paper: the raw scores, which on ``lenet5_classic`` cut conv1 and conv2
-            to one direction each at 8×), ``layer`` (every layer side drops the same share of its directions) or
-            ``auto``: ``layer`` under ``target=macs``, else ``lamp``.
+            ICLR 2021; under ``target=macs`` divided by the MACs a direction costs, :func:`kfe.plan`), ``global``
+            (the paper: the raw scores, which on ``lenet5_classic`` cut conv1 and conv2 to one direction each at
+            8×), ``layer`` (every layer side drops the same share of its directions) or ``auto`` (``lamp``).
         layers, exclude: module names to consider / to leave alone; the classifier is never pruned.
     """
 
@@ -97,11 +98,9 @@ class EigenDamagePruning(PruningCallback):
         **kwargs,
     ) -> None:
         check_known("EigenDamage", kwargs, OPTIONS)
-        target = kwargs.pop("target", "params")  # the core's check ties target=macs to filter/channel masks
+        target = kwargs.pop("target", "params")  # the core ties target=macs to masks (and scope=auto to layer)
         super().__init__(compression, scope=check_choice("scope", scope, SCOPES), **kwargs)
         self.target = check_choice("target", target, macs_target.TARGETS)
-        if scope == "auto":  # the core resolved it before the target was known here
-            self.scope = "layer" if self.target == "macs" else "lamp"
         self.dense_macs = 0  # target=macs: MACs of the network as built, on the example input
         self.mode = check_choice("mode", mode, MODES)
         self.rounds = check_int("rounds", rounds) if mode == "iterative" else 1
@@ -269,6 +268,8 @@ class EigenDamagePruning(PruningCallback):
 
     def _ranking(self) -> bool | str:
         """:func:`kfe.plan`'s ``normalize`` for :attr:`scope`."""
+        if self.scope == "lamp" and self.target == "macs":
+            return "lamp_per_mac"
         return {"global": False, "lamp": "lamp", "layer": "layer"}[self.scope]
 
     @staticmethod

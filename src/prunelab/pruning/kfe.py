@@ -75,6 +75,13 @@ class LayerKFE:
         first, rest = positions
         return first * (c * k_in + (k_in if bias else 0)) + rest * (p * k_in * k_out + k_out * n)
 
+    def direction_macs(self, positions: tuple[int, int]) -> tuple[int, int]:
+        """MACs one input direction and one output direction add to the bottleneck that keeps every direction."""
+        c, n, p, bias = self._sizes()
+        first, rest = positions
+        k_in, k_out = len(self.in_scores), len(self.out_scores)
+        return first * (c + bias) + rest * p * k_out, rest * (p * k_in + n)
+
 
 def layer_macs(layer: nn.Module, positions: tuple[int, int]) -> int:
     """MACs of a Conv2d/Linear (``positions[1]``: its output positions) or of a bottleneck (``positions`` as in
@@ -236,8 +243,11 @@ def plan(
     (``fixed_weights``: the nonzero weights of the prunable layers not in ``kfes``; ``normalize``: rank LAMP scores of
     each layer side's directions, :func:`prunelab.pruning.allocate.lamp_scores`, instead of the raw ones (``True`` or
     ``"lamp"``), or their share of the side, so that every side drops the same share of its directions (``"layer"``,
-    Torch-Pruning's uniform ratio); ``macs``:
-    the ratio is one of MACs, and a layer is replaced when its bottleneck has fewer MACs).
+    Torch-Pruning's uniform ratio, or ``"lamp_per_mac"``: LAMP scores divided by the MACs each direction costs,
+    :meth:`LayerKFE.direction_macs`, so that the ranking is one of importance per MAC; on LeNet-5 a direction of
+    ``conv2``'s input costs 80 times one of ``fc1``'s, and LAMP scores alone cut the cheap fully connected layers to a
+    few directions each); ``macs``: the ratio is one of MACs, and a layer is replaced when its bottleneck has fewer
+    MACs.
 
     The m lowest-scoring directions over all layers are dropped, but at most ⌊limit·n⌋ (and n − 1) of a layer side's
     n; a layer is replaced only when its bottleneck has fewer parameters than what it replaces. Every m is evaluated
@@ -256,6 +266,11 @@ def plan(
         ]
     else:
         ranked = list(lamp_scores(dict(enumerate(sides))).values()) if normalize else sides
+    if normalize == "lamp_per_mac":  # importance per MAC: of two equal scores, the costlier direction goes first
+        if macs is None:
+            raise ValueError("kfe.plan: normalize='lamp_per_mac' needs a MACs budget")
+        costs = [c for name in names for c in kfes[name].direction_macs(macs.positions[name])]
+        ranked = [r / cost for r, cost in zip(ranked, costs)]
     scores = torch.cat([s.cpu() for s in ranked])
     owner = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sides)])
     onehot = torch.zeros(len(scores) + 1, len(sides), dtype=torch.long)
