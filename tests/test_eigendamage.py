@@ -290,8 +290,8 @@ def test_plan_meets_every_reachable_target_and_keeps_the_top_directions(normaliz
 
 def test_lamp_per_mac_plan_cuts_the_costlier_layer_first():
     """Under a MACs budget where every direction of fc2 costs eight times what it would in one position, LAMP scores
-    per MAC leave fc2 fewer directions and fc1 more than LAMP scores alone do (at 4×: fc1 whole, fc2 12 + 18 against
-    19 + 32 and 15 + 18); both meet the ratio."""
+    per MAC leave fc2 fewer directions and fc1 more than LAMP scores alone do (at 4×: fc1 whole and fc2 12 + 18,
+    against fc1 19 + 32 and fc2 15 + 18); both meet the ratio."""
     net, data = _dense(lambda: LeNet300(image_size=8)), DigitsDataModule()
     layers = {"fc1": net.fc1, "fc2": net.fc2}
     factors = kfac.collect_factors(net, layers, data.train_dataloader(), generator=torch.Generator().manual_seed(0))

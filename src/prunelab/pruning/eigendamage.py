@@ -6,9 +6,9 @@ into the eigenbasis of its factors and its input/output eigen-directions scored 
 (:mod:`kfe`), one global threshold with a per-layer cap (over LAMP-normalised scores by default: the paper's raw
 scores left the LeNets' convolutions one direction; per MAC under ``target=macs``), and every layer where it saves
 parameters replaced by ``rotate_in → core → rotate_out`` (:class:`~prunelab.models.architecture.BottleneckLayer`).
-``one_pass`` prunes once at
-the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune phase, each round factoring
-the bottleneck cores again and folding the new rotations into the old ones, so depth does not grow.
+``one_pass`` prunes once at the start of the fit and fine-tunes; ``iterative`` spreads ``rounds`` rounds over the prune
+phase, each round factoring the bottleneck cores again and folding the new rotations into the old ones, so depth does
+not grow.
 
 Layers are replaced inside the fit, so DDP's wrapper (under DDP) and the optimizer Lightning made for the old
 parameters are re-created through Lightning (:func:`~prunelab.pruning.training.renew_optimizers`) with the learning
