@@ -77,10 +77,11 @@ class LayerKFE:
 
     def direction_macs(self, positions: tuple[int, int]) -> tuple[int, int]:
         """MACs one input direction and one output direction add to the bottleneck that keeps every direction."""
-        c, n, p, bias = self._sizes()
-        first, rest = positions
         k_in, k_out = len(self.in_scores), len(self.out_scores)
-        return first * (c + bias) + rest * p * k_out, rest * (p * k_in + n)
+        full = self.bottleneck_macs(k_in, k_out, positions)
+        return full - self.bottleneck_macs(k_in - 1, k_out, positions), full - self.bottleneck_macs(
+            k_in, k_out - 1, positions
+        )
 
 
 def layer_macs(layer: nn.Module, positions: tuple[int, int]) -> int:
