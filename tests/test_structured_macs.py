@@ -23,7 +23,7 @@ from prunelab.models.classifier import Classifier
 from prunelab.pruning import MagnitudePruning, groups, kfe
 from prunelab.pruning.allocate import UnreachableCompressionError
 from prunelab.pruning.kfac import Factors
-from prunelab.pruning.macs_target import compacted_macs
+from prunelab.pruning.macs_target import compacted_macs, plan_counts, removal_path, rungs
 from prunelab.train import train
 
 FAST = {"fisher_batches": 2}  # OBD and EigenDamage: Fisher passes over two batches
@@ -181,6 +181,39 @@ def test_eigendamage_bottleneck_macs_are_what_the_rebuilt_network_counts(layer):
     rebuilt = copy.deepcopy(net)
     replace(rebuilt, "0", kfe.build(decomposed, torch.arange(2), torch.arange(3)))
     assert int(decomposed.bottleneck_macs(torch.tensor(2), torch.tensor(3), where["0"])) == count_macs(rebuilt, example)
+
+
+def test_where_the_path_steps_over_the_band_the_plan_in_it_keeping_more_weights_wins():
+    """Layer a: 4 groups of 25 MACs and 1 weight each; b: 10 groups of 5 MACs and 10 weights (a conv with few, costly
+    filters and a wide fc layer). At 1.6x the uniform path steps from 1.43x (a 1, b 4 pruned) to 1.875x (a 2, b 4):
+    adding b groups from below lands at 1.58x keeping 43 weights, giving b groups back from above at the same MACs
+    keeping 92. The one that keeps more weights is chosen; without the weights, the one from the closer side."""
+    macs = lambda c: 25 * (4 - c["a"]) + 5 * (10 - c["b"])  # noqa: E731
+    weights = lambda c: (4 - c["a"]) + 10 * (10 - c["b"])  # noqa: E731
+    ladders = {"a": rungs(4, 0, 3), "b": rungs(10, 0, 9)}
+    path = removal_path({"a": torch.zeros(4), "b": torch.zeros(10)}, ladders, "layer")
+    start = {"a": 0, "b": 0}
+    chosen = plan_counts(macs, 150, 1.6, path, start, ladders, kept=weights)
+    assert chosen.met(1.6) and chosen.counts == {"a": 2, "b": 1} and weights(chosen.counts) == 92
+    closer = plan_counts(macs, 150, 1.6, path, start, ladders)
+    assert closer.met(1.6) and closer.counts == {"a": 1, "b": 6} and weights(closer.counts) == 43
+    assert macs(chosen.counts) == macs(closer.counts)
+
+
+def test_lenet5_at_4x_macs_keeps_conv1_at_two_filters_and_the_fc_layers_wider():
+    """LeNet-5 (6-16-120-84), filters, 4x fewer MACs: conv1 keeps 2 filters (the plan from above), so conv2 keeps 10
+    and fc1 41 rather than 5 and 25 with 3 conv1 filters."""
+    torch.manual_seed(0)
+    net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
+    cfg = OmegaConf.merge(method_config("magnitude"), {"compression": 4, "target": "macs", "granularity": "filter"})
+    pruning = instantiate(cfg)
+    pruning.bind(net)
+    pruning.example_input = example
+    pruning.prune_to(pruning.final_sparsity)
+    masks = pruning.masks.masks
+    kept = {n: int(groups.group_mask_of(masks[n], "filter").sum()) for n in ("conv1", "conv2", "fc1")}
+    assert abs(pruning.reached - 4) / 4 <= 0.02
+    assert kept == {"conv1": 2, "conv2": 10, "fc1": 41}
 
 
 def test_a_starved_layer_and_a_large_drop_is_a_collapse_with_its_reason():
