@@ -91,3 +91,18 @@ def test_train_records_the_resolved_epochs(make_cfg, tmp_path):
     )
     (run,) = runs_in(tmp_path)
     assert run.data.params["finetune.epochs"] == "2"  # digits: 20 batches an epoch, 40 steps for 4×
+
+
+@pytest.mark.parametrize(
+    "method, target, expected",
+    [
+        ("prunelab.pruning.EigenDamagePruning", "macs", 22),  # 2 × 600 steps: its own factor under target=macs
+        ("prunelab.pruning.EigenDamagePruning", "params", 11),  # the rule as it stands
+        ("prunelab.pruning.MagnitudePruning", "macs", 11),
+        ("no.such.Pruning", "macs", 11),  # a bad _target_ is reported when the callback is built, not here
+    ],
+)
+def test_a_method_can_ask_for_a_multiple_of_the_auto_budget(method, target, expected):
+    cfg = _cfg(compression=8)
+    cfg.pruning.update({"_target_": method, "target": target})
+    assert finetune_epochs(cfg, 57) == expected

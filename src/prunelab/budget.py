@@ -8,7 +8,9 @@ steps, at least ``min_epochs`` epochs.
 
 Extreme ratios need more than the rule gives (docs/benchmarks.md, "Headline ratios"): past ``extreme_from`` (128×)
 the steps are multiplied by a factor rising linearly in log2 of the ratio to ``extreme_factor`` (2) at twice that
-ratio (256×) and staying there; ``+finetune.extreme_factor=1`` turns it off. ADMM-NN's quantization phase
+ratio (256×) and staying there; ``+finetune.extreme_factor=1`` turns it off. A method may ask for a multiple of the
+rule where its ratio understates how much the network changed (:meth:`PruningCallback.budget_factor`: EigenDamage
+under ``target=macs``, twice). ADMM-NN's quantization phase
 (``pruning.quantize``) comes on top: the pruning keeps the steps it would have unquantized, and the quantization phase
 takes its ``share`` of the whole.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from prunelab.pruning.quantize import SHARE
@@ -31,6 +34,20 @@ def extreme_factor(compression: float, start: float = EXTREME_FROM, factor: floa
     return 1.0 + (factor - 1.0) * ramp
 
 
+def method_factor(pruning: DictConfig) -> float:
+    """The method's own multiplier (:meth:`PruningCallback.budget_factor`), from its ``_target_`` class; 1 where
+    there is none (``pruning=none``, a target that is not a pruning callback: building it reports that)."""
+    target = pruning.get("_target_")
+    if target is None:
+        return 1.0
+    try:
+        cls = get_class(str(target))
+    except (ImportError, ValueError, AttributeError):  # a bad _target_ fails with its message when it is built
+        return 1.0
+    factor = getattr(cls, "budget_factor", None)
+    return float(factor(pruning)) if callable(factor) else 1.0
+
+
 def prune_steps(cfg: DictConfig) -> float:
     """Optimizer steps the pruning itself gets at ``finetune.epochs: auto``."""
     compression = max(float(cfg.pruning.compression), 1.0)
@@ -39,7 +56,7 @@ def prune_steps(cfg: DictConfig) -> float:
         float(cfg.finetune.get("extreme_from", EXTREME_FROM)),
         float(cfg.finetune.get("extreme_factor", EXTREME_FACTOR)),
     )
-    return cfg.finetune.steps_per_doubling * math.log2(compression) * factor
+    return cfg.finetune.steps_per_doubling * math.log2(compression) * factor * method_factor(cfg.pruning)
 
 
 def finetune_epochs(cfg: DictConfig, train_batches: int) -> int:

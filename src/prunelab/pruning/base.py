@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -108,6 +109,12 @@ class PruningCallback(pl.Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, granularity=self.granularity, compression=self.compression)
+
+    @classmethod
+    def budget_factor(cls, options: Mapping[str, Any]) -> float:
+        """Multiplier of the ``finetune.epochs: auto`` steps (:mod:`prunelab.budget`) for a run of this method with
+        these ``pruning`` options, read before the callback is built; 1: the rule as it stands."""
+        return 1.0
 
     # ----------------------------------------------------------------- what to prune
     def bind(self, model: nn.Module) -> None:
