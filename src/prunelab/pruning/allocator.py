@@ -250,7 +250,7 @@ class Allocator:
         cb.reached = dense / macs_target.compacted_cost(
             cb.net, masks, cb.masks.dependents, example, "macs", list(masks)
         )
-        if abs(cb.reached - cb.compression) / cb.compression > macs_target.TOLERANCE and cb.note is None:
+        if not macs_target.within_band(cb.reached, cb.compression) and cb.note is None:
             cb.note = (
                 f"pruning.compression={cb.compression:g} with pruning.target=macs: the final masks give "
                 f"{cb.reached:.3f}x (the groups the method chose are coupled differently from the plan's)"

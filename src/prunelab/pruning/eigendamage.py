@@ -251,7 +251,7 @@ class EigenDamagePruning(PruningCallback):
         fixed = sum(kfe.weight_count(current[n], nonzero=True) for n in self.layer_names if n not in self.candidates)
         budget = self._macs_budget(net, layers) if self.target == "macs" else None
         result = kfe.plan(kfes, fixed, self.dense_weights, target, self.prune_ratio_limit, self._ranking(), budget)
-        missed = abs(result.compression - target) / target > macs_target.TOLERANCE
+        missed = not macs_target.within_band(result.compression, target)
         if final and missed and budget is None:
             raise RuntimeError(
                 f"EigenDamage reached {result.compression:.3f}× instead of pruning.compression="
@@ -306,7 +306,7 @@ class EigenDamagePruning(PruningCallback):
             reached = self.dense_macs / macs_target.compacted_macs(net, self.allocator.example())
             if best is None or abs(reached - target) < abs(best[0] - target):
                 best = (reached, result)
-            if abs(reached - target) / target <= macs_target.TOLERANCE:
+            if macs_target.within_band(reached, target):
                 break
             aim *= target / reached
             result = kfe.plan(kfes, fixed, self.dense_weights, aim, self.prune_ratio_limit, self._ranking(), budget)
@@ -314,7 +314,7 @@ class EigenDamagePruning(PruningCallback):
         self.reached, result = best
         if result is not None:
             self._replace(net, kfes, result)
-        if abs(self.reached - target) / target > macs_target.TOLERANCE:
+        if not macs_target.within_band(self.reached, target):
             self.note = (
                 f"pruning.compression={target:g} with pruning.target=macs: EigenDamage reached "
                 f"{self.reached:.3f}x (one direction of a small layer moves the MACs by more than 2 %, or "

@@ -188,11 +188,11 @@ class Plan:
     points: dict[tuple[int, ...], float] = field(default_factory=dict, repr=False)
 
     def met(self, compression: float) -> bool:
-        return plan_met(self.reached, compression)
+        return within_band(self.reached, compression)
 
 
-def plan_met(reached: float, compression: float) -> bool:
-    """Within the ±2 % band of the request."""
+def within_band(reached: float, compression: float) -> bool:
+    """``reached`` within the ±2 % band of the requested ``compression`` (the method contract's tolerance)."""
     return abs(reached - compression) / compression <= TOLERANCE
 
 
@@ -260,9 +260,9 @@ def plan_counts(
     # the path's points on either side of the ratio, the closer first (the answer where no move lands in the band)
     sides = sorted((prefix[m] for m in {max(hi - 1, 0), hi}), key=lambda c: abs(at(c) - compression))
     best = sides[0]
-    if refine and not plan_met(at(best), compression):
+    if refine and not within_band(at(best), compression):
         found = [_refine(side, compression, at, path, start, ladders) for side in sides]
-        inside = [c for c in found if plan_met(at(c), compression)]
+        inside = [c for c in found if within_band(at(c), compression)]
         if inside and kept is not None:  # equal cost either way: the network that keeps more weights
             best = max(inside, key=kept)
         else:
