@@ -200,6 +200,38 @@ def test_where_the_path_steps_over_the_band_the_plan_in_it_keeping_more_weights_
     assert macs(chosen.counts) == macs(closer.counts)
 
 
+def test_a_plan_past_the_ratio_gives_back_the_groups_the_request_leaves_to_spend():
+    """Layer a: 4 groups of 100 MACs; b: 40 groups of 1 MAC and 10 weights. At 1.32x the path lands inside the band
+    at 1.329x (a 1, b 9 pruned), one b group past the ratio after another; two of them are given back (1.321x), a
+    third would fall below the request."""
+    macs = lambda c: 100 * (4 - c["a"]) + (40 - c["b"])  # noqa: E731
+    weights = lambda c: (4 - c["a"]) + 10 * (40 - c["b"])  # noqa: E731
+    ladders = {"a": rungs(4, 0, 3), "b": rungs(40, 0, 39)}
+    path = removal_path({"a": torch.zeros(4), "b": torch.zeros(40)}, ladders, "layer")
+    start = {"a": 0, "b": 0}
+    on_path = plan_counts(macs, 440, 1.32, path, start, ladders, refine=False, kept=weights)
+    assert on_path.met(1.32) and on_path.counts == {"a": 1, "b": 9}
+    plan = plan_counts(macs, 440, 1.32, path, start, ladders, kept=weights)
+    assert plan.counts == {"a": 1, "b": 7} and plan.reached >= 1.32
+    assert 440 / macs({"a": 1, "b": 6}) < 1.32
+
+
+def test_lenet5_at_2x_macs_lands_on_the_ratio_not_a_group_past_it():
+    """LeNet-5 (6-16-120-84), filters, 2x fewer MACs: the path lands at 2.03x; the fc units that overshoot are given
+    back, so the plan meets 2x from above within one fc unit's MACs."""
+    torch.manual_seed(0)
+    net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
+    cfg = OmegaConf.merge(method_config("magnitude"), {"compression": 2, "target": "macs", "granularity": "filter"})
+    pruning = instantiate(cfg)
+    pruning.bind(net)
+    pruning.example_input = example
+    pruning.prune_to(pruning.final_sparsity)
+    masks = pruning.masks.masks
+    kept = {n: int(groups.group_mask_of(masks[n], "filter").sum()) for n in ("conv1", "conv2", "fc1", "fc2")}
+    assert 2 <= pruning.reached <= 2.002, pruning.reached
+    assert kept == {"conv1": 4, "conv2": 10, "fc1": 86, "fc2": 55}
+
+
 def test_lenet5_at_4x_macs_keeps_conv1_at_two_filters_and_the_fc_layers_wider():
     """LeNet-5 (6-16-120-84), filters, 4x fewer MACs: conv1 keeps 2 filters (the plan from above), so conv2 keeps 10
     and fc1 41 rather than 5 and 25 with 3 conv1 filters."""
