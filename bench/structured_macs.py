@@ -226,6 +226,7 @@ def main() -> None:
             for variant in args.methods:
                 run(cell, variant, args, env)
     runs = load(root)
+    runs = runs[runs["seed"].isin([str(s) for s in args.seeds])]  # the seeds asked for, in a run or a report
     if runs.empty:
         raise SystemExit("no runs recorded")
     variants = list(dict.fromkeys([*args.methods, *sorted(runs["variant"].dropna().unique())]))
