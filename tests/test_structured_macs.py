@@ -216,36 +216,36 @@ def test_a_plan_past_the_ratio_gives_back_the_groups_the_request_leaves_to_spend
     assert 440 / macs({"a": 1, "b": 6}) < 1.32
 
 
-def test_lenet5_at_2x_macs_lands_on_the_ratio_not_a_group_past_it():
-    """LeNet-5 (6-16-120-84), filters, 2x fewer MACs: the path lands at 2.03x; the fc units that overshoot are given
-    back, so the plan meets 2x from above within one fc unit's MACs."""
+def lenet5_filter_plan(compression: float) -> tuple[float, dict[str, int]]:
+    """Magnitude by filters at ``compression``× fewer MACs on LeNet-5 (6-16-120-84): the ratio reached and the units
+    each layer keeps."""
     torch.manual_seed(0)
     net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
-    cfg = OmegaConf.merge(method_config("magnitude"), {"compression": 2, "target": "macs", "granularity": "filter"})
-    pruning = instantiate(cfg)
+    options = {"compression": compression, "target": "macs", "granularity": "filter"}
+    pruning = instantiate(OmegaConf.merge(method_config("magnitude"), options))
     pruning.bind(net)
     pruning.example_input = example
     pruning.prune_to(pruning.final_sparsity)
     masks = pruning.masks.masks
-    kept = {n: int(groups.group_mask_of(masks[n], "filter").sum()) for n in ("conv1", "conv2", "fc1", "fc2")}
-    assert 2 <= pruning.reached <= 2.002, pruning.reached
+    return pruning.reached, {
+        n: int(groups.group_mask_of(masks[n], "filter").sum()) for n in ("conv1", "conv2", "fc1", "fc2")
+    }
+
+
+def test_lenet5_at_2x_macs_lands_on_the_ratio_not_a_group_past_it():
+    """2x fewer MACs: the path lands at 2.03x; the fc units that overshoot are given back, so the plan meets 2x from
+    above within one fc unit's MACs."""
+    reached, kept = lenet5_filter_plan(2)
+    assert 2 <= reached <= 2.002, reached
     assert kept == {"conv1": 4, "conv2": 10, "fc1": 86, "fc2": 55}
 
 
 def test_lenet5_at_4x_macs_keeps_conv1_at_two_filters_and_the_fc_layers_wider():
-    """LeNet-5 (6-16-120-84), filters, 4x fewer MACs: conv1 keeps 2 filters (the plan from above), so conv2 keeps 10
-    and fc1 41 rather than 5 and 25 with 3 conv1 filters."""
-    torch.manual_seed(0)
-    net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
-    cfg = OmegaConf.merge(method_config("magnitude"), {"compression": 4, "target": "macs", "granularity": "filter"})
-    pruning = instantiate(cfg)
-    pruning.bind(net)
-    pruning.example_input = example
-    pruning.prune_to(pruning.final_sparsity)
-    masks = pruning.masks.masks
-    kept = {n: int(groups.group_mask_of(masks[n], "filter").sum()) for n in ("conv1", "conv2", "fc1")}
-    assert abs(pruning.reached - 4) / 4 <= 0.02
-    assert kept == {"conv1": 2, "conv2": 10, "fc1": 41}
+    """4x fewer MACs: conv1 keeps 2 filters (the plan from above), so conv2 keeps 10 and fc1 41 rather than 5 and 25
+    with 3 conv1 filters; fc2 keeps the 32 units the ratio leaves to spend."""
+    reached, kept = lenet5_filter_plan(4)
+    assert 4 <= reached <= 4.02, reached
+    assert kept == {"conv1": 2, "conv2": 10, "fc1": 41, "fc2": 32}
 
 
 def test_a_starved_layer_and_a_large_drop_is_a_collapse_with_its_reason():
