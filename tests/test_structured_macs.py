@@ -221,8 +221,7 @@ def lenet5_filter_plan(compression: float) -> tuple[float, dict[str, int]]:
     each layer keeps."""
     torch.manual_seed(0)
     net, example = LeNet5Classic(), torch.zeros(1, 1, 28, 28)
-    options = {"compression": compression, "target": "macs", "granularity": "filter"}
-    pruning = instantiate(OmegaConf.merge(method_config("magnitude"), options))
+    pruning = _pruning("magnitude-filter", compression)
     pruning.bind(net)
     pruning.example_input = example
     pruning.prune_to(pruning.final_sparsity)
